@@ -1,0 +1,1 @@
+"""pcpt transfer: finetuning, frozen-feature probes, few-shot episodes and adapters."""

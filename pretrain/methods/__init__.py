@@ -1,0 +1,1 @@
+"""Pre-training methods, one LightningModule per file, addressed by ``class_path``."""
