@@ -1,0 +1,592 @@
+"""Work items, the per-item processing function and the conversion driver shared by every format.
+
+A converter (one per format, see :mod:`datapipes.converters`) does two things:
+
+- ``plan(src, options)`` lists the **work items** of each split in a fixed sorted order, plus the class
+  names. Shard ``i`` of a split holds exactly items ``[i*S, (i+1)*S)`` (``S = shard_size``) minus the
+  rejected ones, so a re-run recomputes only the shards that are not complete and verified.
+- ``read(item, options)`` loads one item's raw cloud (points, a mesh to sample, normals, features) or
+  raises :class:`Reject` with a precise reason.
+
+:func:`process_item` is the pure per-item function every engine runs: read, validate, sample meshes with a
+generator seeded from ``(seed, key)``, reduce to ``--points``, normalise to the unit sphere, estimate normals
+and curvature, order by FPS, attach the label. Its output depends only on the item and the options, never
+on the worker or the engine, so shards are byte-identical whatever ran them.
+
+Point-count policy (``--points N``): a mesh is sampled with exactly ``N`` points; a point set with more
+than ``N`` points is reduced to ``N`` by FPS (or by a seeded random subset with ``--no-fps``); a point set
+with fewer points is kept as it is (no duplicated points) and ``meta.num_points`` records the original
+count. Without ``--points`` point sets keep all their points. Clouds with fewer than ``--min-points`` points
+are rejected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+
+import numpy as np
+
+from datapipes.engines import Engine, ShardJob
+from datapipes.errors import UserError
+from datapipes.mesh import MeshError, Orientation, estimate_normals_curvature, sample_surface
+
+if TYPE_CHECKING:  # datapipes.types imports torch, which per-item workers do not need
+    from datapipes.types import Rejection, Sample
+
+
+class Reject(Exception):
+    """Raised by a converter's ``read`` for an unusable item; the message is the rejection reason."""
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One unit of conversion work: a file, or one row of a container file (HDF5, Arrow, Parquet).
+
+    Attributes:
+        key: sample key, unique in the dataset (letters, digits, ``_`` and ``-``).
+        split: output split.
+        source: where it came from, relative to SRC (``file`` or ``file#row``); used in meta and rejections.
+        path: absolute path of the file to read.
+        row: row inside a container file; -1 for a whole file.
+        label: class index; -1 when unlabelled.
+        class_name: class name, ``""`` when unlabelled.
+        error: a problem found while planning (e.g. an unreadable container); the item is then rejected
+            with this reason without being read.
+    """
+
+    key: str
+    split: str
+    source: str
+    path: str
+    row: int = -1
+    label: int = -1
+    class_name: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Everything that decides the content of the shards (and so must match when a run is resumed).
+
+    Engine, worker count, ``--strict`` and output formatting are deliberately not here.
+
+    Attributes:
+        format: converter name.
+        src: absolute source path (or hub id for ``hf``).
+        points: target point count (``None``: format default, see :attr:`Converter.default_points`).
+        normalize: centre and scale each cloud to the unit sphere.
+        normals: estimate normals (where the source has none) and curvature.
+        fps: store points in farthest-point order.
+        seed: base seed; each item's generator is derived from ``(seed, key)``.
+        min_points: clouds with fewer points are rejected.
+        shard_size: items per shard.
+        normal_k: neighbourhood size for normal and curvature estimation.
+        variant: format variant (``modelnet-resampled``: modelnet40/modelnet10; ``scanobjectnn``:
+            obj_bg/obj_only/pb_t50_rs).
+        test_fraction: ``mesh-folder`` without split folders: seeded fraction of each class sent to test.
+        shuffle: store each split's items in a seeded shuffled order (classes mixed within shards, which
+            streaming readers need); ``False`` keeps the sorted source order.
+        points_column: ``hf``: column holding the points.
+        label_column: ``hf``: column holding the label.
+        split_map: ``hf``: ``(source_split, output_split)`` pairs.
+        source_normals: the source provides normals (set by the driver from :attr:`Plan.source_normals`);
+            they are stored, and estimated for the items that lack them, so every sample has the same fields.
+    """
+
+    format: str
+    src: str
+    points: int | None = None
+    normalize: bool = True
+    normals: bool = False
+    fps: bool = True
+    seed: int = 0
+    min_points: int = 16
+    shard_size: int = 1000
+    normal_k: int = 16
+    variant: str | None = None
+    test_fraction: float = 0.0
+    shuffle: bool = True
+    points_column: str | None = None
+    label_column: str | None = None
+    split_map: tuple[tuple[str, str], ...] = ()
+    source_normals: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (written to the manifest and compared on resume)."""
+        out = asdict(self)
+        out["split_map"] = [list(pair) for pair in self.split_map]
+        return out
+
+
+@dataclass
+class RawCloud:
+    """What a converter's ``read`` returns for one item (before sampling, normalisation and ordering).
+
+    Exactly one of ``xyz`` (a point set) and ``mesh`` (vertices, faces) is set.
+
+    Attributes:
+        xyz: ``(N, 3)`` points, any float dtype.
+        normal: ``(N, 3)`` normals from the source, if any.
+        feat: ``(N, C)`` per-point features from the source (e.g. LiDAR intensity), if any.
+        mesh: ``(vertices (V, 3), faces (F, 3))`` to sample the surface of.
+        meta: extra JSON-serialisable metadata.
+    """
+
+    xyz: np.ndarray | None = None
+    normal: np.ndarray | None = None
+    feat: np.ndarray | None = None
+    mesh: tuple[np.ndarray, np.ndarray] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """A converter's work list.
+
+    Attributes:
+        splits: split name -> work items in their fixed order.
+        classes: class names, index = label (empty when unlabelled).
+        source_normals: the source has normals (mesh faces, xyz+normal columns); decided from the format or
+            the first item, never per item, so that all samples of a dataset have the same fields.
+        info: extra JSON-serialisable source information for the manifest.
+    """
+
+    splits: dict[str, list[WorkItem]]
+    classes: list[str]
+    source_normals: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Converter(ABC):
+    """One source format. Subclasses are stateless and registered by name in :mod:`datapipes.converters`.
+
+    Class attributes give the format's defaults (used when the command line leaves an option unset) and the
+    format-specific options it accepts.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    default_points: ClassVar[int | None] = None
+    default_normalize: ClassVar[bool] = True
+    default_fps: ClassVar[bool] = True
+    orientation: ClassVar[Orientation] = "consistent"
+    variants: ClassVar[tuple[str, ...]] = ()
+    accepts: ClassVar[frozenset[str]] = frozenset()
+
+    @abstractmethod
+    def plan(self, src: Path, options: ConvertOptions) -> Plan:
+        """Lists the work items per split (sorted, deterministic) and the class names.
+
+        Raises:
+            UserError: the source layout is not this format (missing folders or list files).
+        """
+
+    @abstractmethod
+    def read(self, item: WorkItem, options: ConvertOptions) -> RawCloud:
+        """Loads one item.
+
+        Raises:
+            Reject: the item is unusable; the message is the reason.
+        """
+
+
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def make_key(*parts: str) -> str:
+    """Joins parts into a shard-safe key: anything but letters, digits, ``_`` and ``-`` becomes ``_``.
+
+    Args:
+        parts: key components, joined with ``_``.
+
+    Returns:
+        The key (never empty).
+    """
+    key = "_".join(_KEY_UNSAFE.sub("_", p).strip("_") for p in parts if p)
+    return key or "_"
+
+
+def item_rng(seed: int, key: str) -> np.random.Generator:
+    """The generator of one item: derived from the base seed and the key only (engine-independent).
+
+    Args:
+        seed: base seed (``--seed``).
+        key: the item's key.
+
+    Returns:
+        A fresh PCG64 generator.
+    """
+    digest = hashlib.sha256(key.encode()).digest()
+    words = np.frombuffer(digest[:16], dtype=np.uint32).tolist()
+    return np.random.default_rng(np.random.SeedSequence([seed % 2**32, *words]))
+
+
+def as_points(array: Any, what: str = "points") -> tuple[np.ndarray, np.ndarray | None]:
+    """Splits an ``(N, 3)`` or ``(N, 6)`` (xyz + normals) array into xyz and normals.
+
+    Args:
+        array: the loaded array.
+        what: name used in the rejection reason.
+
+    Returns:
+        ``(xyz, normal or None)``.
+
+    Raises:
+        Reject: not a 2-D numeric array with 3 or 6 columns.
+    """
+    arr = np.asarray(array)
+    if arr.dtype.kind not in "fiu":
+        raise Reject(f"wrong array dtype {arr.dtype}: expected numeric {what}")
+    if arr.ndim != 2 or arr.shape[1] not in (3, 6):
+        raise Reject(f"wrong array shape {tuple(arr.shape)}: expected (N, 3) or (N, 6) {what}")
+    if arr.shape[1] == 6:
+        return arr[:, :3], arr[:, 3:6]
+    return arr, None
+
+
+def _check_finite(name: str, arr: np.ndarray) -> None:
+    bad = int(np.count_nonzero(~np.isfinite(arr)))
+    if bad:
+        raise Reject(f"non-finite {name} values ({bad} NaN/inf)")
+
+
+def _normalize(xyz: np.ndarray) -> tuple[np.ndarray, list[float], float]:
+    from datapipes.geometry import normalize_unit_sphere
+
+    out, center, scale = normalize_unit_sphere(xyz)
+    return np.asarray(out, dtype=np.float32), [float(c) for c in np.ravel(center)], float(scale)
+
+
+def _fps(xyz: np.ndarray, n: int | None) -> np.ndarray:
+    from datapipes.geometry import fps_order
+
+    return np.asarray(fps_order(xyz, n), dtype=np.int64)
+
+
+def build_sample(raw: RawCloud, item: WorkItem, options: ConvertOptions, converter: Converter) -> Sample:
+    """Turns a raw cloud into a finished sample (the format-independent half of :func:`process_item`).
+
+    Args:
+        raw: what the converter read.
+        item: the work item.
+        options: conversion options (defaults already resolved).
+        converter: the format (for the normal orientation rule).
+
+    Returns:
+        The sample: ``key``, float32 ``xyz (N, 3)``, optional ``normal (N, 3)``, ``curv (N,)``,
+        ``feat (N, C)``, ``label`` and ``meta``.
+
+    Raises:
+        Reject: unusable geometry (non-finite values, degenerate mesh, too few points, zero extent).
+    """
+    rng = item_rng(options.seed, item.key)
+    normal = raw.normal
+    feat = raw.feat
+    if raw.mesh is not None:
+        vertices, faces = raw.mesh
+        _check_finite("vertex coordinate", np.asarray(vertices))
+        if len(faces) == 0:
+            raise Reject("degenerate mesh: no faces")
+        try:
+            xyz, normal = sample_surface(vertices, faces, options.points or 8192, rng)
+        except ValueError as err:
+            raise Reject(str(err)) from None
+        original = len(vertices)
+    else:
+        if raw.xyz is None:
+            raise Reject("no points")
+        xyz = np.asarray(raw.xyz)
+        original = len(xyz)
+        _check_finite("coordinate", xyz)
+        if normal is not None:
+            _check_finite("normal", np.asarray(normal))
+        if feat is not None:
+            _check_finite("feature", np.asarray(feat))
+    if len(xyz) < options.min_points:
+        raise Reject(f"too few points: {len(xyz)} < --min-points {options.min_points}")
+    xyz = np.asarray(xyz, dtype=np.float32)
+    order: np.ndarray | None = None
+    if options.points is not None and len(xyz) > options.points:
+        if options.fps:
+            order = _fps(xyz, options.points)
+        else:
+            order = np.sort(rng.choice(len(xyz), size=options.points, replace=False))
+    if order is not None:
+        xyz = xyz[order]
+        normal = None if normal is None else np.asarray(normal)[order]
+        feat = None if feat is None else np.asarray(feat)[order]
+    extent = float(np.max(np.linalg.norm(xyz - xyz.mean(axis=0), axis=1)))
+    if not extent > 0.0:
+        raise Reject("degenerate cloud: all points coincide")
+    meta: dict[str, Any] = {"source": item.source, "num_points": int(original)}
+    if item.class_name:
+        meta["class"] = item.class_name
+    if options.normalize:
+        xyz, center, scale = _normalize(xyz)
+        meta["center"], meta["scale"] = center, scale
+    curv: np.ndarray | None = None
+    if not (options.normals or options.source_normals):
+        normal = None
+    if options.normals or (options.source_normals and normal is None):
+        try:
+            est_normal, est_curv = estimate_normals_curvature(
+                xyz, k=options.normal_k, orient=converter.orientation
+            )
+        except ValueError as err:
+            raise Reject(f"cannot estimate normals: {err}") from None
+        normal = est_normal if normal is None else normal
+        curv = est_curv if options.normals else None
+    if options.fps and order is None:  # a reduction by FPS is already in FPS order
+        perm = _fps(xyz, None)
+        xyz = xyz[perm]
+        normal = None if normal is None else np.asarray(normal)[perm]
+        feat = None if feat is None else np.asarray(feat)[perm]
+        curv = None if curv is None else curv[perm]
+    sample: Sample = {"key": item.key, "xyz": np.ascontiguousarray(xyz, dtype=np.float32)}
+    if normal is not None:
+        sample["normal"] = np.ascontiguousarray(normal, dtype=np.float32)
+    if curv is not None:
+        sample["curv"] = np.ascontiguousarray(curv, dtype=np.float32)
+    if feat is not None:
+        sample["feat"] = np.ascontiguousarray(np.asarray(feat, dtype=np.float32).reshape(len(xyz), -1))
+    if item.label >= 0:
+        sample["label"] = int(item.label)
+    meta.update(raw.meta)
+    sample["meta"] = meta
+    return sample
+
+
+_READ_ERRORS = (OSError, ValueError, KeyError, IndexError, EOFError, UnicodeError, RuntimeError, TypeError)
+
+
+def process_item(item: WorkItem, options: ConvertOptions) -> dict[str, Any]:
+    """The per-item function every engine runs: returns a finished sample or a rejection.
+
+    Args:
+        item: the work item.
+        options: conversion options (defaults resolved).
+
+    Returns:
+        A :class:`~datapipes.types.Sample`, or a :class:`~datapipes.types.Rejection` (it has a ``reason``).
+    """
+    from datapipes.converters import get_converter
+
+    if item.error:
+        return {"source": item.source, "reason": item.error, "split": item.split}
+    converter = get_converter(options.format)
+    try:
+        raw = converter.read(item, options)
+        return dict(build_sample(raw, item, options, converter))
+    except Reject as err:
+        reason = str(err)
+    except MeshError as err:
+        reason = str(err).removeprefix(f"{item.path}: ")
+    except _READ_ERRORS as err:
+        reason = f"unreadable: {type(err).__name__}: {err}"
+    return {"source": item.source, "reason": reason, "split": item.split}
+
+
+def is_rejection(result: Mapping[str, Any]) -> bool:
+    """Whether a :func:`process_item` result is a rejection."""
+    return "reason" in result and "xyz" not in result
+
+
+def resolve_options(converter: Converter, base: ConvertOptions, given: Mapping[str, Any]) -> ConvertOptions:
+    """Fills in the format defaults for options the user left unset and checks format-specific ones.
+
+    Args:
+        converter: the format.
+        base: options with everything but ``points``, ``normalize``, ``fps`` and ``variant`` set.
+        given: the command-line values (``None`` = not given) of ``points``, ``normalize``, ``fps``,
+            ``variant``, ``test_fraction``, ``points_column``, ``label_column`` and ``split_map``.
+
+    Returns:
+        The completed options.
+
+    Raises:
+        UserError: an option this format does not accept, or an unknown variant.
+    """
+    for name in ("variant", "test_fraction", "points_column", "label_column", "split_map"):
+        if given.get(name) not in (None, (), "") and name not in converter.accepts:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} does not apply to format {converter.name!r}")
+    variant = given.get("variant")
+    if converter.variants:
+        variant = variant or converter.variants[0]
+        if variant not in converter.variants:
+            raise UserError(f"--variant {variant!r} is not one of {', '.join(converter.variants)}")
+    points, normalize, fps = given.get("points"), given.get("normalize"), given.get("fps")
+    return replace(
+        base,
+        points=converter.default_points if points is None else int(points),
+        normalize=converter.default_normalize if normalize is None else bool(normalize),
+        fps=converter.default_fps if fps is None else bool(fps),
+        variant=variant,
+    )
+
+
+@dataclass
+class ConvertReport:
+    """Outcome of a conversion (the summary printed by the CLI).
+
+    Attributes:
+        format: converter name.
+        out: output directory.
+        samples: split -> number of samples written.
+        classes: class names.
+        rejected: number of rejected items (all shards, including resumed ones).
+        shards_written: shards computed in this run.
+        shards_resumed: complete shards kept from an earlier run.
+        elapsed_s: wall-clock seconds.
+    """
+
+    format: str
+    out: str
+    samples: dict[str, int]
+    classes: list[str]
+    rejected: int
+    shards_written: int
+    shards_resumed: int
+    elapsed_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        out = asdict(self)
+        out["num_classes"] = len(self.classes)
+        return out
+
+
+def shuffled(items: Sequence[WorkItem], seed: int, split: str) -> list[WorkItem]:
+    """A seeded permutation of a split's items (depends only on the seed, the split and the item list).
+
+    Args:
+        items: the split's items in sorted order.
+        seed: base seed.
+        split: split name (each split gets its own permutation).
+
+    Returns:
+        The items in shuffled order.
+    """
+    perm = item_rng(seed, f"__order__/{split}").permutation(len(items))
+    return [items[i] for i in perm]
+
+
+def _check_plan(plan: Plan) -> None:
+    seen: dict[str, str] = {}
+    for split, items in plan.splits.items():
+        for item in items:
+            if item.key in seen:
+                raise UserError(
+                    f"two source items map to the same sample key {item.key!r}: {seen[item.key]} and "
+                    f"{item.source}; rename one of them"
+                )
+            seen[item.key] = item.source
+            if item.split != split:
+                raise ValueError(f"item {item.key!r} listed under split {split!r} but says {item.split!r}")
+
+
+def count_rejected(out: Path) -> int:
+    """Number of lines in ``OUT/rejected.jsonl`` (0 when absent)."""
+    path = out / "rejected.jsonl"
+    if not path.is_file():
+        return 0
+    with path.open() as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def convert(
+    converter: Converter,
+    options: ConvertOptions,
+    out: Path,
+    engine: Engine,
+    *,
+    strict: bool = False,
+    progress: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+    on_shard: Callable[[str, int], None] | None = None,
+) -> ConvertReport:
+    """Plans, runs and finalises one conversion (resuming complete shards of an earlier identical run).
+
+    Args:
+        converter: the format.
+        options: resolved options (:func:`resolve_options`).
+        out: output directory.
+        engine: where the per-item function runs.
+        strict: any rejection raises instead of being listed.
+        progress: called with the number of items just finished.
+        on_total: called once with the number of items still to process.
+        on_shard: called after each shard is written, with ``(split, index)``.
+
+    Returns:
+        The report.
+
+    Raises:
+        UserError: bad source layout, duplicate keys, options differing from the run being resumed, or a
+            rejection under ``strict``.
+    """
+    from datapipes.shards import ShardSetWriter
+
+    start = time.perf_counter()
+    plan = converter.plan(Path(options.src), options)
+    _check_plan(plan)
+    options = replace(options, source_normals=plan.source_normals)
+    if options.shuffle:
+        plan.splits = {split: shuffled(items, options.seed, split) for split, items in plan.splits.items()}
+    if not any(plan.splits.values()):
+        raise UserError(f"{options.src}: no {converter.name} input found")
+    writer = ShardSetWriter(out, options=options.to_dict())
+    size = options.shard_size
+    num_shards = {split: math.ceil(len(items) / size) for split, items in plan.splits.items() if items}
+    jobs: list[ShardJob] = []
+    resumed = 0
+    for split in sorted(num_shards):
+        items = plan.splits[split]
+        for index in range(num_shards[split]):
+            if writer.is_complete(split, index):
+                resumed += 1
+            else:
+                jobs.append(ShardJob(split, index, tuple(items[index * size : (index + 1) * size])))
+    if on_total is not None:
+        on_total(sum(len(job.items) for job in jobs))
+    fn = partial(process_item, options=options)
+    written = 0
+    for job, results in engine.run(fn, jobs, progress):
+        rejected = [cast("Rejection", r) for r in results if is_rejection(r)]
+        if strict and rejected:
+            first = rejected[0]
+            raise UserError(f"{first['source']}: {first['reason']} (rejected under --strict)")
+        samples = [cast("Sample", r) for r in results if not is_rejection(r)]
+        writer.write_shard(job.split, job.index, samples, rejected)
+        written += 1
+        if on_shard is not None:
+            on_shard(job.split, job.index)
+    extra = {"converter": {"format": converter.name, **plan.info}}
+    manifest = writer.finalize(
+        num_shards=num_shards, classes=plan.classes, fps_ordered=options.fps, extra=extra
+    )
+    samples_per_split = {s: int(v.get("samples", 0)) for s, v in manifest.get("splits", {}).items()}
+    return ConvertReport(
+        format=converter.name,
+        out=str(out),
+        samples=samples_per_split,
+        classes=list(plan.classes),
+        rejected=count_rejected(out),
+        shards_written=written,
+        shards_resumed=resumed,
+        elapsed_s=round(time.perf_counter() - start, 3),
+    )
+
+
+def dumps_report(report: ConvertReport) -> str:
+    """The ``--json`` summary."""
+    return json.dumps(report.to_dict(), indent=2, sort_keys=True)

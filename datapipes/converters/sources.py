@@ -1,0 +1,176 @@
+"""Helpers for walking source trees and reading plain point files (shared by several formats)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datapipes.converters.base import Reject, WorkItem, item_rng, make_key
+from datapipes.errors import UserError
+
+SPLITS = ("train", "test")
+
+
+def require_dir(src: Path, what: str) -> Path:
+    """Checks that ``src`` is a directory.
+
+    Raises:
+        UserError: it does not exist or is not a directory.
+    """
+    if not src.exists():
+        raise UserError(f"{src}: no such file or directory ({what} expected)")
+    if not src.is_dir():
+        raise UserError(f"{src}: not a directory ({what} expected)")
+    return src
+
+
+def check_file(path: Path) -> int:
+    """Returns the file size; rejects missing and zero-byte files.
+
+    Raises:
+        Reject: the file is missing or empty.
+    """
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise Reject("missing file") from None
+    if size == 0:
+        raise Reject("empty file (0 bytes)")
+    return size
+
+
+def _npy_header(fh: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(fh)
+    return np.lib.format.read_array_header_2_0(fh)
+
+
+def npy_shape(path: Path) -> tuple[int, ...] | None:
+    """The array shape in a ``.npy`` header, or ``None`` when the file is missing or not ``.npy``."""
+    try:
+        with path.open("rb") as fh:
+            return tuple(_npy_header(fh)[0])
+    except (OSError, ValueError, EOFError):
+        return None
+
+
+def load_npy(path: Path) -> np.ndarray:
+    """Loads a ``.npy`` array without pickle, with precise reasons for garbage and truncated files.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The array.
+
+    Raises:
+        Reject: missing, empty, not ``.npy``, object dtype, or truncated.
+    """
+    size = check_file(path)
+    with path.open("rb") as fh:
+        try:
+            shape, fortran, dtype = _npy_header(fh)
+        except (ValueError, EOFError) as err:
+            raise Reject(f"not a .npy file ({err})") from None
+        if dtype.hasobject:
+            raise Reject("object (pickled) .npy arrays are refused")
+        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        available = size - fh.tell()
+        if available < expected:
+            raise Reject(
+                f"truncated .npy file: header says {shape} {dtype} ({expected} bytes), {available} present"
+            )
+        data = np.frombuffer(fh.read(expected), dtype=dtype)
+    return data.reshape(shape, order="F" if fortran else "C")
+
+
+def first_has_normals(items: Sequence[WorkItem]) -> bool:
+    """Whether the first readable ``.npy`` among ``items`` (sorted order) has 6 columns (xyz + normals)."""
+    for item in items:
+        shape = npy_shape(Path(item.path))
+        if shape is not None and len(shape) == 2:
+            return shape[1] == 6
+    return False
+
+
+def class_dirs(src: Path) -> list[str]:
+    """Sorted names of the sub-directories of ``src`` (hidden ones skipped)."""
+    return sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def object_key(class_name: str, stem: str) -> str:
+    """The key of an object file: its stem when it already starts with ``<class>_`` (ModelNet), else both."""
+    if stem.startswith(f"{class_name}_"):
+        return make_key(stem)
+    return make_key(class_name, stem)
+
+
+def class_split_items(
+    src: Path, suffixes: Sequence[str], *, test_fraction: float = 0.0, seed: int = 0
+) -> tuple[dict[str, list[WorkItem]], list[str]]:
+    """Lists ``<class>/{train,test}/*<suffix>`` files, or ``<class>/**/*<suffix>`` with a seeded split.
+
+    When any class folder has a ``train`` or ``test`` sub-folder, those decide the split (files elsewhere are
+    ignored). Otherwise every file under a class folder goes to ``train``, except a seeded
+    ``test_fraction`` of each class, which goes to ``test``.
+
+    Args:
+        src: the root with one folder per class.
+        suffixes: accepted file suffixes (lower case, with the dot).
+        test_fraction: fraction of each class sent to ``test`` when there are no split folders.
+        seed: seed of that split.
+
+    Returns:
+        ``(splits, classes)``: items per split sorted by (class, path), and sorted class names.
+
+    Raises:
+        UserError: no class folders or no matching files.
+    """
+    classes = class_dirs(src)
+    if not classes:
+        raise UserError(f"{src}: no class folders (expected <class>/... with {', '.join(suffixes)} files)")
+    has_split_dirs = any((src / c / s).is_dir() for c in classes for s in SPLITS)
+    splits: dict[str, list[WorkItem]] = {s: [] for s in SPLITS}
+
+    def files_under(folder: Path) -> list[Path]:
+        return sorted(
+            p
+            for p in folder.rglob("*")
+            if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")
+        )
+
+    for label, name in enumerate(classes):
+        if has_split_dirs:
+            per_split = {s: files_under(src / name / s) if (src / name / s).is_dir() else [] for s in SPLITS}
+        else:
+            files = files_under(src / name)
+            n_test = round(test_fraction * len(files))
+            test_idx = set(item_rng(seed, f"__test_split__/{name}").permutation(len(files))[:n_test].tolist())
+            per_split = {
+                "train": [f for i, f in enumerate(files) if i not in test_idx],
+                "test": [f for i, f in enumerate(files) if i in test_idx],
+            }
+        for split, files in per_split.items():
+            for f in files:
+                rel = f.relative_to(src)
+                stem_parts = rel.relative_to(name).with_suffix("").parts
+                if has_split_dirs:
+                    stem_parts = stem_parts[1:]
+                splits[split].append(
+                    WorkItem(
+                        key=object_key(name, "_".join(stem_parts)),
+                        split=split,
+                        source=rel.as_posix(),
+                        path=str(f),
+                        label=label,
+                        class_name=name,
+                    )
+                )
+    splits = {s: items for s, items in splits.items() if items}
+    if not splits:
+        raise UserError(f"{src}: no {'/'.join(suffixes)} files under the class folders")
+    return splits, classes

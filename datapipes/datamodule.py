@@ -1,0 +1,299 @@
+"""``PointCloudDataModule``: pcpt shards as a LightningDataModule (streaming train, in-memory validation).
+
+Training streams shards through :func:`datapipes.pipeline.make_train_loader` (resampled, exact
+``batches_per_epoch`` on every rank) or, with ``streaming=False``, iterates an in-memory split with a
+seeded ``DistributedSampler``. Validation is always map-style and in memory, so Lightning's distributed
+sampler splits it evenly. Data randomness depends on ``(seed, rank, worker, epoch)`` and the epoch is read
+from the trainer at the start of every epoch, so a run resumed from a checkpoint at an epoch boundary
+continues with the data it would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from datapipes.errors import UserError
+from datapipes.memory import InMemoryPointDataset
+from datapipes.pipeline import EpochLoader, collate, make_train_loader, resolve_rank
+from datapipes.shards import MANIFEST_NAME, read_manifest, shard_paths
+from datapipes.transforms import Compose, NormalizeUnitSphere, TakePoints, Transform, build_augment
+
+__all__ = ["PointCloudDataModule"]
+
+AugmentPreset = Literal["none", "scale_translate", "rotate_jitter"]
+
+
+class PointCloudDataModule(pl.LightningDataModule):
+    """Batches of :class:`~datapipes.types.PointBatch` from a pcpt shard folder.
+
+    Args:
+        data_root: shard folder (``manifest.json`` inside), e.g. written by ``pcpt-data synth``.
+        train_split: split used for training.
+        val_split: split used for validation (``None``: no validation).
+        num_points: points per cloud in every batch.
+        batch_size: per-device batch size.
+        num_workers: DataLoader worker processes.
+        batches_per_epoch: training batches per epoch on every rank; default: train samples //
+            (batch_size × world_size). With ``streaming=False`` it caps the pass over the split.
+        augment: a preset (``"none"``, ``"scale_translate"`` = Point-MAE's ScaleAndTranslate,
+            ``"rotate_jitter"``) or a list of transform configs like ``[{"name": "rotate", "axis": "y"}]``.
+        streaming: stream training data from shards (``False``: load the training split into memory).
+        seed: base seed of every data random stream.
+        point_sampling: how training takes ``num_points``: ``"random"`` (without replacement) or
+            ``"first"`` (the FPS subsample of FPS-ordered shards). Validation always takes the FPS subsample.
+        fps_pool: with ``"random"`` on FPS-ordered shards, draw from the first ``fps_pool`` points (1200 for
+            1024 reproduces Point-MAE fine-tuning).
+        normalize: centre and scale every selected cloud into the unit sphere (before augmentation).
+        normals: put normals into batches.
+        point_features: per-point fields (``"feat"``, ``"curv"``) concatenated into ``feats``.
+        images: put one image view per cloud into batches.
+        shuffle_buffer: per-worker shuffle buffer of the streaming pipeline.
+        val_batch_size: validation batch size (default ``batch_size``).
+    """
+
+    def __init__(
+        self,
+        data_root: str,
+        train_split: str = "train",
+        val_split: str | None = "test",
+        num_points: int = 1024,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        batches_per_epoch: int | None = None,
+        augment: AugmentPreset | list[dict[str, Any]] = "scale_translate",
+        streaming: bool = True,
+        seed: int = 0,
+        point_sampling: Literal["random", "first"] = "random",
+        fps_pool: int | None = None,
+        normalize: bool = True,
+        normals: bool = False,
+        point_features: list[str] | None = None,
+        images: bool = False,
+        shuffle_buffer: int = 1000,
+        val_batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if num_points < 1 or batch_size < 1 or num_workers < 0:
+            raise ValueError(
+                f"need num_points >= 1, batch_size >= 1, num_workers >= 0; got {num_points}, {batch_size}, "
+                f"{num_workers}"
+            )
+        if batches_per_epoch is not None and batches_per_epoch < 1:
+            raise ValueError(f"batches_per_epoch must be >= 1 or None, got {batches_per_epoch}")
+        if fps_pool is not None and fps_pool < num_points:
+            raise ValueError(f"fps_pool must be >= num_points ({num_points}), got {fps_pool}")
+        self.data_root = str(data_root)
+        self.train_split, self.val_split = train_split, val_split
+        self.num_points, self.batch_size, self.num_workers = num_points, batch_size, num_workers
+        self.batches_per_epoch = batches_per_epoch
+        self.augment = build_augment(augment)
+        self.streaming, self.seed = streaming, seed
+        self.point_sampling, self.fps_pool, self.normalize = point_sampling, fps_pool, normalize
+        self.normals, self.point_features, self.images = normals, tuple(point_features or ()), images
+        self.shuffle_buffer = shuffle_buffer
+        self.val_batch_size = val_batch_size or batch_size
+        self._val_set: InMemoryPointDataset | None = None
+        self.save_hyperparameters()
+
+    # ------------------------------------------------------------------------------------------ metadata
+    @cached_property
+    def manifest(self) -> dict[str, Any]:
+        """The shard folder's manifest (read once)."""
+        return read_manifest(self.data_root)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes listed in the manifest."""
+        return len(self.manifest.get("classes", []))
+
+    @property
+    def manifest_sha256(self) -> str:
+        """sha256 of ``manifest.json`` (identifies the exact data)."""
+        return hashlib.sha256((Path(self.data_root) / MANIFEST_NAME).read_bytes()).hexdigest()
+
+    @property
+    def data_contract(self) -> dict[str, Any]:
+        """Preprocessing an encoder trained on these batches expects: points, normalisation, FPS order."""
+        return {
+            "num_points": self.num_points,
+            "normalization": "unit_sphere" if self.normalize else "none",
+            "fps_order": bool(self.manifest.get("fps_ordered", False)),
+        }
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            return int(trainer.global_rank), int(trainer.world_size)
+        return resolve_rank()
+
+    def _trainer_epoch(self) -> int | None:
+        trainer = self.trainer
+        return None if trainer is None else int(trainer.current_epoch)
+
+    def _split_samples(self, split: str) -> int:
+        splits = self.manifest["splits"]
+        if split not in splits:
+            raise UserError(f"{self.data_root}: no split {split!r} in {MANIFEST_NAME} (has {sorted(splits)})")
+        return int(splits[split]["samples"])
+
+    # ------------------------------------------------------------------------------------------ transforms
+    def train_transform(self) -> Transform:
+        """Point selection, optional normalisation, then the augmentation."""
+        fps = bool(self.manifest.get("fps_ordered", False))
+        if self.streaming and self.point_sampling == "first" and not fps:
+            raise UserError(
+                f"{self.data_root}: point_sampling='first' needs FPS-ordered shards (manifest says "
+                "fps_ordered=false); use point_sampling='random'"
+            )
+        pool = self.fps_pool if fps else None
+        steps: list[Transform] = [TakePoints(self.num_points, mode=self.point_sampling, pool=pool)]
+        if self.normalize:
+            steps.append(NormalizeUnitSphere())
+        return Compose((*steps, *self.augment.transforms))
+
+    def eval_transform(self) -> Transform:
+        """Evaluation: the FPS subsample (taken at load time), optionally normalised, no augmentation."""
+        return Compose((NormalizeUnitSphere(),) if self.normalize else ())
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def setup(self, stage: str | None = None) -> None:
+        """Checks that the manifest and the requested splits exist."""
+        self._split_samples(self.train_split)
+        if self.val_split is not None:
+            self._split_samples(self.val_split)
+
+    def default_batches_per_epoch(self) -> int:
+        """``batches_per_epoch`` or train samples // (batch_size × world_size)."""
+        if self.batches_per_epoch is not None:
+            return self.batches_per_epoch
+        _, world_size = self._rank()
+        samples = self._split_samples(self.train_split)
+        batches = samples // (self.batch_size * world_size)
+        if batches < 1:
+            raise UserError(
+                f"{self.data_root}: split {self.train_split!r} has {samples} samples, fewer than one global "
+                f"batch ({self.batch_size} x {world_size} ranks); lower batch_size or set batches_per_epoch"
+            )
+        return batches
+
+    def train_dataloader(self) -> EpochLoader:
+        """Training batches; exactly :meth:`default_batches_per_epoch` per rank and epoch when streaming."""
+        rank, world_size = self._rank()
+        if self.streaming:
+            return make_train_loader(
+                [str(p) for p in shard_paths(self.data_root, self.train_split, self.manifest)],
+                transform=self.train_transform(),
+                batch_size=self.batch_size,
+                batches_per_epoch=self.default_batches_per_epoch(),
+                num_workers=self.num_workers,
+                seed=self.seed,
+                rank=rank,
+                world_size=world_size,
+                shuffle_buffer=self.shuffle_buffer,
+                normals=self.normals,
+                point_features=self.point_features,
+                images=self.images,
+                epoch_source=self._trainer_epoch,
+            )
+        fps = bool(self.manifest.get("fps_ordered", False))
+        preload = self.num_points if self.point_sampling == "first" else (self.fps_pool if fps else None)
+        dataset = InMemoryPointDataset(
+            self.data_root,
+            self.train_split,
+            num_points=preload,
+            transform=self.train_transform(),
+            seed=self.seed,
+            normals=self.normals,
+            point_features=self.point_features,
+            images=self.images,
+        )
+        sampler: DistributedSampler[int] = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed, drop_last=True
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+        )
+        length = len(loader) if self.batches_per_epoch is None else min(len(loader), self.batches_per_epoch)
+        if length < 1:
+            raise UserError(
+                f"{self.data_root}: split {self.train_split!r} has {len(dataset)} samples, fewer than one "
+                f"global batch ({self.batch_size} x {world_size} ranks)"
+            )
+
+        def on_epoch(epoch: int) -> None:
+            sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
+
+        return EpochLoader(
+            _Capped(loader, length), length=length, on_epoch=on_epoch, epoch_source=self._trainer_epoch
+        )
+
+    def _eval_loader(self) -> DataLoader[Any] | list[Any]:
+        if self.val_split is None:
+            return []
+        if self._val_set is None:
+            self._val_set = InMemoryPointDataset(
+                self.data_root,
+                self.val_split,
+                num_points=self.num_points,
+                transform=self.eval_transform(),
+                seed=self.seed,
+                normals=self.normals,
+                point_features=self.point_features,
+                images=self.images,
+            )
+        return DataLoader(
+            self._val_set,
+            batch_size=self.val_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+        )
+
+    def val_dataloader(self) -> DataLoader[Any] | list[Any]:
+        """Validation batches of ``val_split`` (FPS subsample, no augmentation); ``[]`` without one."""
+        return self._eval_loader()
+
+    def test_dataloader(self) -> DataLoader[Any] | list[Any]:
+        """Same as :meth:`val_dataloader`."""
+        return self._eval_loader()
+
+    # ------------------------------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in Lightning checkpoints: the data identity (the epoch itself comes from the trainer)."""
+        return {"seed": self.seed, "manifest_sha256": self.manifest_sha256, "data_root": self.data_root}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Warns when resuming on data or a seed that differ from the checkpoint's."""
+        if state_dict.get("manifest_sha256") not in (None, self.manifest_sha256):
+            rank_zero_warn(
+                f"resuming on different data: {self.data_root}/{MANIFEST_NAME} changed since the checkpoint"
+            )
+        if state_dict.get("seed", self.seed) != self.seed:
+            rank_zero_warn(f"resuming with data seed {self.seed}, the checkpoint used {state_dict['seed']}")
+
+
+class _Capped:
+    """Iterates at most ``length`` items of a loader."""
+
+    def __init__(self, loader: DataLoader[Any], length: int) -> None:
+        self.loader, self.length = loader, length
+
+    def __iter__(self) -> Any:
+        for i, batch in enumerate(self.loader):
+            if i >= self.length:
+                break
+            yield batch

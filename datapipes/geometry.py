@@ -1,0 +1,106 @@
+"""Numpy geometry for preprocessing: unit-sphere normalisation and farthest-point ordering.
+
+Farthest point sampling (FPS) follows the reference semantics of ``pointnet2_ops.furthest_point_sample``
+used by Point-BERT / Point-MAE: start at a given index (0 by default), then repeatedly pick the point
+farthest (squared Euclidean distance, float32) from everything picked so far, ties to the lowest index.
+Storing clouds in this order makes the first ``n`` points an FPS subsample of size ``n``. Unlike the CUDA
+kernel there is no near-origin skip, and chosen points are never chosen again (clouds with duplicate points
+still yield a permutation).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["fps_order", "fps_order_batch", "normalize_unit_sphere"]
+
+
+def normalize_unit_sphere(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Centres a cloud on its centroid and scales it so the farthest point has norm 1.
+
+    Args:
+        xyz: ``(N, 3)`` points.
+
+    Returns:
+        ``(points (N, 3) float32, centre (3,) float32, scale)`` with ``points = (xyz - centre) / scale``; a
+        cloud of identical points keeps ``scale = 1``.
+    """
+    pts = np.asarray(xyz, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 3 or pts.shape[0] == 0:
+        raise ValueError(f"xyz must have shape (N, 3) with N >= 1, got {np.shape(xyz)}")
+    centre = pts.mean(axis=0)
+    centred = pts - centre
+    scale = float(np.sqrt((centred * centred).sum(axis=1).max()))
+    if not np.isfinite(scale):
+        raise ValueError("xyz contains NaN or infinite values")
+    if scale <= 1e-12:
+        scale = 1.0
+    return (centred / scale).astype(np.float32), centre.astype(np.float32), scale
+
+
+def fps_order_batch(xyz: np.ndarray, n: int | None = None, start: int = 0) -> np.ndarray:
+    """Farthest-point order of several clouds of equal size at once (one vectorised loop for all).
+
+    Args:
+        xyz: ``(B, N, 3)`` points.
+        n: number of indices per cloud (default ``N``: a full ordering).
+        start: index of the first pick in every cloud.
+
+    Returns:
+        ``(B, n)`` int64 indices into ``N``, in selection order.
+    """
+    pts = np.asarray(xyz, dtype=np.float32)
+    if pts.ndim != 3 or pts.shape[2] != 3 or pts.shape[1] == 0:
+        raise ValueError(f"xyz must have shape (B, N, 3) with N >= 1, got {np.shape(xyz)}")
+    batch, count = pts.shape[:2]
+    n = count if n is None else int(n)
+    if not 1 <= n <= count:
+        raise ValueError(f"n must be in [1, {count}], got {n}")
+    if not 0 <= start < count:
+        raise ValueError(f"start must be in [0, {count}), got {start}")
+    if batch > _CHUNK:  # bounded working set: faster than one huge batch
+        return np.concatenate([_fps(pts[i : i + _CHUNK], n, start) for i in range(0, batch, _CHUNK)])
+    return _fps(pts, n, start)
+
+
+_CHUNK = 32
+
+
+def _fps(pts: np.ndarray, n: int, start: int) -> np.ndarray:
+    batch, count = pts.shape[:2]
+    cols = [np.ascontiguousarray(pts[:, :, k]) for k in range(3)]  # (B, N) each: contiguous, fast ufuncs
+    rows = np.arange(batch)
+    order = np.empty((batch, n), dtype=np.int64)
+    order[:, 0] = start
+    dist = np.full((batch, count), np.inf, dtype=np.float32)
+    diff = np.empty((batch, count), dtype=np.float32)
+    acc = np.empty((batch, count), dtype=np.float32)
+    last = np.full(batch, start, dtype=np.int64)
+    for i in range(1, n):
+        acc.fill(0.0)
+        for col in cols:
+            np.subtract(col, col[rows, last][:, None], out=diff)
+            np.multiply(diff, diff, out=diff)
+            np.add(acc, diff, out=acc)
+        np.minimum(dist, acc, out=dist)
+        dist[rows, last] = -1.0  # chosen points are never chosen again
+        last = dist.argmax(axis=1)
+        order[:, i] = last
+    return order
+
+
+def fps_order(xyz: np.ndarray, n: int | None = None, start: int = 0) -> np.ndarray:
+    """Farthest-point order of one cloud.
+
+    Args:
+        xyz: ``(N, 3)`` points.
+        n: number of indices (default ``N``: a full ordering, i.e. a permutation).
+        start: index of the first pick (0 matches ``pointnet2_ops``).
+
+    Returns:
+        ``(n,)`` int64 indices in selection order; ``xyz[fps_order(xyz)[:m]]`` is an FPS subsample of size m.
+    """
+    pts = np.asarray(xyz)
+    if pts.ndim != 2 or pts.shape[1] != 3:
+        raise ValueError(f"xyz must have shape (N, 3), got {pts.shape}")
+    return fps_order_batch(pts[None], n=n, start=start)[0]

@@ -1,0 +1,171 @@
+"""Map-style, in-memory datasets for evaluation and fine-tuning sets (thousands of clouds).
+
+The whole split is decoded once into arrays. Being map-style, Lightning's ``DistributedSampler`` splits
+it evenly across ranks (streaming shards cannot promise that). ``num_points`` takes the first points of each
+cloud: an FPS subsample when the manifest says the clouds are stored in FPS order, otherwise FPS is computed
+here (start index 0), so evaluation sees the same deterministic subsample everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from datapipes.errors import UserError
+from datapipes.geometry import fps_order, fps_order_batch
+from datapipes.pipeline import POINT_FEATURES, decode_image
+from datapipes.shards import iter_shard_samples, read_manifest, shard_paths
+from datapipes.transforms import Arrays, Transform
+
+__all__ = ["InMemoryPointDataset", "load_split_arrays"]
+
+_PER_POINT = ("xyz", "normal", "feat", "curv")
+
+
+def _fps_prefix(clouds: list[dict[str, Any]], n: int) -> None:
+    """Reorders each cloud's per-point fields so its first ``n`` points are an FPS subsample, in place."""
+    by_size: dict[int, list[int]] = {}
+    for i, cloud in enumerate(clouds):
+        by_size.setdefault(int(cloud["xyz"].shape[0]), []).append(i)
+    for size, members in by_size.items():
+        for start in range(0, len(members), 256):
+            chunk = members[start : start + 256]
+            if len(chunk) == 1:
+                orders = fps_order(clouds[chunk[0]]["xyz"], n=min(n, size))[None]
+            else:
+                orders = fps_order_batch(np.stack([clouds[i]["xyz"] for i in chunk]), n=min(n, size))
+            for i, order in zip(chunk, orders):
+                for name in _PER_POINT:
+                    if name in clouds[i]:
+                        clouds[i][name] = clouds[i][name][order]
+
+
+def _load(
+    root: str | Path,
+    split: str,
+    num_points: int | None,
+    fields: Sequence[str],
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    manifest = read_manifest(root)
+    paths = shard_paths(root, split, manifest)
+    clouds = [sample for path in paths for sample in iter_shard_samples(path, fields=fields)]
+    if not clouds:
+        raise UserError(f"{root}: split {split!r} has no samples")
+    if num_points is not None:
+        if num_points < 1:
+            raise ValueError(f"num_points must be >= 1, got {num_points}")
+        n = min(num_points, min(int(c["xyz"].shape[0]) for c in clouds))
+        if not manifest.get("fps_ordered", False):
+            _fps_prefix(clouds, n)
+        for cloud in clouds:
+            for name in _PER_POINT:
+                if name in cloud:
+                    cloud[name] = np.ascontiguousarray(cloud[name][:n])
+    return clouds, manifest
+
+
+def load_split_arrays(
+    root: str | Path, split: str, num_points: int | None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """All clouds of one split as arrays (for probes, few-shot and embedding).
+
+    Args:
+        root: shard folder.
+        split: split name, e.g. ``"train"``.
+        num_points: points per cloud, taken in FPS order (the first ``num_points`` of FPS-ordered storage);
+            capped at the smallest stored cloud, as the official loaders cap their FPS pool. ``None``
+            keeps all points (every cloud must then have the same count).
+
+    Returns:
+        ``(xyz (S, N, 3) float32, labels (S,) int64 (-1 where unlabelled), keys)`` in shard order.
+
+    Raises:
+        UserError: for a missing manifest or split, an empty split, or clouds of unequal sizes with
+            ``num_points=None``.
+    """
+    clouds, _ = _load(root, split, num_points, ("xyz", "label"))
+    counts = {int(c["xyz"].shape[0]) for c in clouds}
+    if len(counts) != 1:
+        raise UserError(f"{root}: split {split!r} has clouds of {len(counts)} sizes; pass num_points")
+    xyz = np.stack([c["xyz"] for c in clouds]).astype(np.float32, copy=False)
+    labels = np.asarray([c.get("label", -1) for c in clouds], dtype=np.int64)
+    return xyz, labels, [str(c["key"]) for c in clouds]
+
+
+class InMemoryPointDataset(Dataset[Arrays]):
+    """One split decoded into memory; items are transformed sample dicts (see :mod:`datapipes.transforms`).
+
+    Args:
+        root: shard folder.
+        split: split name.
+        num_points: points per cloud taken in FPS order (see :func:`load_split_arrays`); ``None`` keeps all.
+        transform: optional per-item transform; its generator is seeded by ``(seed, epoch, index)``, so every
+            epoch differs and any worker layout gives the same result.
+        seed: base seed for the transform.
+        normals: keep normals.
+        point_features: ``"feat"`` / ``"curv"`` fields to keep (batched into ``feats``).
+        images: keep one image per item (a random view when a transform is set, else the first).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        *,
+        num_points: int | None = None,
+        transform: Transform | None = None,
+        seed: int = 0,
+        normals: bool = False,
+        point_features: Sequence[str] = (),
+        images: bool = False,
+    ) -> None:
+        bad = [f for f in point_features if f not in POINT_FEATURES]
+        if bad:
+            raise ValueError(f"point_features must be among {POINT_FEATURES}, got {bad}")
+        fields = [
+            "xyz",
+            "label",
+            *(["normal"] if normals else []),
+            *point_features,
+            *(["images"] if images else []),
+        ]
+        self.clouds, self.manifest = _load(root, split, num_points, fields)
+        self.root, self.split = Path(root), split
+        self.transform, self.seed, self.images = transform, int(seed), images
+        self.epoch = 0
+        for cloud in self.clouds:
+            missing = [f for f in fields if f not in ("label",) and f not in cloud]
+            if missing:
+                raise UserError(f"{root}: split {split!r} sample {cloud['key']} has no {missing[0]}")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the transform randomness of ``epoch``."""
+        self.epoch = int(epoch)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """``(S,)`` int64 labels (-1 where unlabelled)."""
+        return np.asarray([c.get("label", -1) for c in self.clouds], dtype=np.int64)
+
+    @property
+    def keys(self) -> list[str]:
+        """Sample keys in order."""
+        return [str(c["key"]) for c in self.clouds]
+
+    def __len__(self) -> int:
+        return len(self.clouds)
+
+    def __getitem__(self, index: int) -> Arrays:
+        item = dict(self.clouds[index])
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        if self.images:
+            views = item.pop("images")
+            pick = int(rng.integers(len(views))) if self.transform is not None and len(views) > 1 else 0
+            item["image"] = decode_image(views[pick], where=f"{self.split} sample {item['key']}")
+        if self.transform is not None:
+            item = self.transform(item, rng)
+        return item

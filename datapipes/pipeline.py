@@ -1,0 +1,455 @@
+"""Streaming training and evaluation pipelines over pcpt shards (webdataset), with exact epochs per rank.
+
+Training (:func:`make_train_loader`)::
+
+    ResampledShards (seeded per seed / rank / worker / epoch)
+      -> tar -> samples -> seeded shuffle buffer -> safe decode (npy / txt / json only, pickle refused)
+      -> transforms (one np.random.Generator per worker and epoch) -> fixed-size batches (partial=False)
+    WebLoader(batch_size=None).with_epoch(batches_per_epoch)   # on the LOADER: exact count per rank
+
+Every rank and worker draws shards with replacement from its own seeded stream, so ranks see different data
+and never run out; the epoch length is set on the loader, so each rank yields exactly ``batches_per_epoch``
+batches whatever the number of workers (on the dataset, webdataset counts per worker). Seeds depend on the
+epoch, which :class:`EpochLoader` sets before every pass (from the trainer when one is attached), so a run
+resumed at an epoch boundary draws the same data as an uninterrupted one. Workers are not persistent: they are
+forked per epoch and receive the epoch with the pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from datapipes.shards import ShardFormatError, decode_members, decode_png
+from datapipes.transforms import Arrays, Compose, Transform
+from datapipes.types import PointBatch
+
+__all__ = [
+    "EpochLoader",
+    "StreamState",
+    "collate",
+    "decode_image",
+    "make_eval_loader",
+    "make_train_loader",
+    "make_train_pipeline",
+    "resolve_rank",
+]
+
+POINT_FEATURES = ("feat", "curv")
+
+
+def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """The ``(rank, world_size)`` to shard data by.
+
+    Explicit arguments win; otherwise ``RANK`` / ``WORLD_SIZE`` from the environment; otherwise an initialised
+    ``torch.distributed`` process group; otherwise ``(0, 1)``.
+
+    Raises:
+        ValueError: if only one of the two is given or ``rank`` is outside ``[0, world_size)``.
+    """
+    if (rank is None) != (world_size is None):
+        raise ValueError(
+            f"give both rank and world_size or neither, got rank={rank}, world_size={world_size}"
+        )
+    if rank is None or world_size is None:
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            rank, world_size = 0, 1
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return rank, world_size
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class StreamState:
+    """What a pipeline's random streams depend on: base seed, rank and epoch (set before each pass).
+
+    Picklable; the pipeline's stages share one instance, so setting ``epoch`` in the main process reaches the
+    stages in workers forked afterwards.
+    """
+
+    def __init__(self, seed: int, rank: int, world_size: int) -> None:
+        self.seed, self.rank, self.world_size, self.epoch = int(seed), int(rank), int(world_size), 0
+
+    def entropy(self, stream: int) -> list[int]:
+        """Seed material for one random stream of the current worker: seed, rank, worker, epoch, stream."""
+        worker, workers = _worker()
+        return [self.seed, self.rank, self.world_size, worker, workers, self.epoch, stream]
+
+    def generator(self, stream: int) -> np.random.Generator:
+        """A fresh ``np.random.Generator`` for ``stream`` in the current worker and epoch."""
+        return np.random.default_rng(self.entropy(stream))
+
+    def shard_seed(self) -> int:
+        """Seed of the shard resampler in the current worker (used as webdataset's ``worker_seed``)."""
+        return int(np.random.SeedSequence(self.entropy(0)).generate_state(1)[0])
+
+
+_SHARDS, _SHUFFLE, _AUGMENT = 0, 1, 2
+
+
+def _seeded_shuffle(src: Iterable[Any], *, state: StreamState, bufsize: int) -> Iterator[Any]:
+    """Webdataset's buffer shuffle with a generator seeded from the worker's stream state."""
+    rng = random.Random(int(state.generator(_SHUFFLE).integers(2**62)))
+    yield from wds.filters._shuffle(iter(src), bufsize=bufsize, initial=min(bufsize, 100), rng=rng)
+
+
+def decode_image(data: bytes, *, where: str) -> np.ndarray:
+    """PNG (built-in decoder) or JPEG (needs Pillow) bytes -> ``(C, H, W)`` float32 in ``[0, 1]``.
+
+    Raises:
+        ShardFormatError: naming ``where`` for undecodable bytes or a JPEG without Pillow installed.
+    """
+    try:
+        if data[:8] == b"\x89PNG\r\n\x1a\n":
+            image = decode_png(data)
+        else:
+            try:
+                from PIL import Image  # optional: only JPEG needs it
+            except ImportError as err:
+                raise ShardFormatError(
+                    f"{where}: decoding JPEG images needs Pillow (pip install pillow)"
+                ) from err
+            import io
+
+            image = np.asarray(Image.open(io.BytesIO(data)))
+            image = image[:, :, None] if image.ndim == 2 else image
+    except ShardFormatError:
+        raise
+    except Exception as err:
+        raise ShardFormatError(f"{where}: undecodable image ({err})") from err
+    return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) / 255.0
+
+
+class SampleDecoder:
+    """Turns raw webdataset samples (``{"__key__", "__url__", suffix: bytes}``) into transformed arrays.
+
+    Pickle members are refused (an error naming shard and member), only the fields the batch needs are
+    decoded, and transforms draw from one generator per worker and epoch.
+
+    Args:
+        transform: per-sample transform.
+        state: the pipeline's stream state.
+        normals: keep ``normal``.
+        point_features: per-point feature fields concatenated into ``feats`` (``"feat"``, ``"curv"``).
+        images: decode one image view per sample (random view in training, the first otherwise).
+        random_view: pick the image view at random.
+    """
+
+    def __init__(
+        self,
+        transform: Transform,
+        state: StreamState,
+        *,
+        normals: bool = False,
+        point_features: Sequence[str] = (),
+        images: bool = False,
+        random_view: bool = True,
+    ) -> None:
+        bad = [f for f in point_features if f not in POINT_FEATURES]
+        if bad:
+            raise ValueError(f"point_features must be among {POINT_FEATURES}, got {bad}")
+        self.transform, self.state = transform, state
+        self.images, self.random_view = images, random_view
+        self.point_features = tuple(point_features)
+        self.fields = ("xyz", "label", *(("normal",) if normals else ()), *self.point_features)
+        self.fields += ("images",) if images else ()
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[Arrays]:
+        rng = self.state.generator(_AUGMENT)
+        for raw in src:
+            yield self.decode(raw, rng)
+
+    def decode(self, raw: dict[str, Any], rng: np.random.Generator) -> Arrays:
+        """Decodes and transforms one raw sample."""
+        where = Path(str(raw.get("__url__", "?"))).name
+        members = {k: v for k, v in raw.items() if not k.startswith("__")}
+        sample = decode_members(raw["__key__"], members, where=where, fields=self.fields)
+        if self.images:
+            views = sample.pop("images", None)
+            if not views:
+                raise ShardFormatError(f"{where}: sample {raw['__key__']} has no image")
+            pick = int(rng.integers(len(views))) if self.random_view and len(views) > 1 else 0
+            sample["image"] = decode_image(views[pick], where=f"{where}: sample {raw['__key__']}")
+        for name in self.point_features:
+            if name not in sample:
+                raise ShardFormatError(f"{where}: sample {raw['__key__']} has no {name}.npy member")
+        return self.transform(sample, rng)
+
+
+def _stack(samples: Sequence[Arrays], name: str) -> torch.Tensor | None:
+    present = [name in s for s in samples]
+    if not any(present):
+        return None
+    if not all(present):
+        key = samples[present.index(False)].get("key")
+        raise ValueError(f"cannot batch: sample {key!r} has no {name!r} while others do")
+    return torch.from_numpy(np.stack([np.asarray(s[name], dtype=np.float32) for s in samples]))
+
+
+def collate(samples: Sequence[Arrays]) -> PointBatch:
+    """Stacks transformed samples of equal point count into a :class:`PointBatch`.
+
+    Per-point features ``feat`` and ``curv`` present in the samples are concatenated (in that order) into
+    ``feats``; ``image`` arrays ``(C, H, W)`` become ``images``.
+
+    Raises:
+        ValueError: if the samples have different point counts or some lack a field the others have.
+    """
+    if not samples:
+        raise ValueError("cannot collate an empty list of samples")
+    counts = {int(s["xyz"].shape[0]) for s in samples}
+    if len(counts) != 1:
+        raise ValueError(f"cannot batch clouds with different point counts {sorted(counts)}; use TakePoints")
+    feats = [t for t in (_stack(samples, "feat"), _stack(samples, "curv")) if t is not None]
+    feats = [t if t.ndim == 3 else t[:, :, None] for t in feats]
+    labels = [s.get("label") for s in samples]
+    if any(label is None for label in labels) and not all(label is None for label in labels):
+        raise ValueError("cannot batch labelled and unlabelled samples together")
+    points = _stack(samples, "xyz")
+    assert points is not None  # every sample has xyz (checked by decode)
+    return PointBatch(
+        points=points,
+        normals=_stack(samples, "normal"),
+        feats=torch.cat(feats, dim=2) if feats else None,
+        images=_stack(samples, "image"),
+        label=None if labels[0] is None else torch.tensor(labels, dtype=torch.long),
+        key=[str(s.get("key", "")) for s in samples],
+    )
+
+
+class TrainPipeline(wds.DataPipeline):
+    """The training :class:`webdataset.DataPipeline` plus :meth:`set_epoch`."""
+
+    def __init__(self, *stages: Any, state: StreamState, shards: wds.ResampledShards) -> None:
+        super().__init__(*stages)
+        self.state, self.shards = state, shards
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the random streams of ``epoch`` (call before iterating; workers copy it when forked)."""
+        self.state.epoch = int(epoch)
+        self.shards.epoch = -1  # webdataset's own pass counter: keep it out of the seed
+
+
+def make_train_pipeline(
+    urls: Sequence[str | Path],
+    *,
+    transform: Transform | None = None,
+    batch_size: int,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    shuffle_buffer: int = 1000,
+    normals: bool = False,
+    point_features: Sequence[str] = (),
+    images: bool = False,
+) -> TrainPipeline:
+    """The infinite, resampled, batched training stream of one rank (see the module docstring).
+
+    Args:
+        urls: shard paths.
+        transform: per-sample transform (must produce a fixed point count, e.g. ends with ``TakePoints``).
+        batch_size: samples per batch; incomplete batches are never produced.
+        seed: base seed; streams also depend on rank, worker and epoch.
+        rank: this process's rank (default: :func:`resolve_rank`).
+        world_size: number of ranks.
+        shuffle_buffer: samples held in the shuffle buffer (per worker).
+        normals: include ``normals`` in batches.
+        point_features: ``"feat"`` / ``"curv"`` fields concatenated into ``feats``.
+        images: include one image view per sample.
+    """
+    if not urls:
+        raise ValueError("urls must name at least one shard")
+    if batch_size < 1 or shuffle_buffer < 1:
+        raise ValueError(f"batch_size and shuffle_buffer must be >= 1, got {batch_size}, {shuffle_buffer}")
+    rank, world_size = resolve_rank(rank, world_size)
+    state = StreamState(seed, rank, world_size)
+    shards = wds.ResampledShards(
+        [str(u) for u in urls], seed=seed, worker_seed=state.shard_seed, deterministic=True
+    )
+    decoder = SampleDecoder(
+        transform or Compose(), state, normals=normals, point_features=point_features, images=images
+    )
+    return TrainPipeline(
+        shards,
+        wds.tarfile_to_samples(),
+        wds.filters.pipelinefilter(_seeded_shuffle)(state=state, bufsize=shuffle_buffer),
+        decoder,
+        wds.batched(batch_size, collation_fn=collate, partial=False),
+        state=state,
+        shards=shards,
+    )
+
+
+class EpochLoader:
+    """An iterable of batches with a fixed length that sets the data epoch before every pass.
+
+    The epoch is read when the first batch of a pass is requested: from ``epoch_source`` when given (e.g. the
+    trainer's current epoch, so a resumed run gets the data of the epoch it resumes at), otherwise from
+    :meth:`set_epoch`, advancing by one after each pass.
+    It is deliberately not a ``torch.utils.data.DataLoader``, so Lightning does not try to re-shard it.
+
+    Args:
+        loader: the underlying iterable (a WebLoader with ``with_epoch`` or a DataLoader).
+        length: batches per pass.
+        on_epoch: called with the epoch number before each pass.
+        epoch_source: returns the epoch to use, or ``None`` to use the internal counter.
+    """
+
+    def __init__(
+        self,
+        loader: Iterable[PointBatch],
+        *,
+        length: int,
+        on_epoch: Callable[[int], None],
+        epoch_source: Callable[[], int | None] | None = None,
+    ) -> None:
+        self.loader, self.length, self.on_epoch, self.epoch_source = (
+            loader,
+            int(length),
+            on_epoch,
+            epoch_source,
+        )
+        self._next_epoch = 0
+        self.epoch = -1
+
+    def set_epoch(self, epoch: int) -> None:
+        """Makes the next pass use ``epoch``."""
+        self._next_epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[PointBatch]:
+        return self._run()
+
+    def _run(self) -> Iterator[PointBatch]:
+        # A generator: the epoch is resolved at the first batch, not when the iterator is created. Lightning
+        # creates the first iterator before it restores the epoch counters of a resumed run.
+        source = self.epoch_source() if self.epoch_source is not None else None
+        self.epoch = self._next_epoch if source is None else int(source)
+        self._next_epoch = self.epoch + 1
+        self.on_epoch(self.epoch)
+        yield from self.loader
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def make_train_loader(
+    urls: Sequence[str | Path],
+    *,
+    transform: Transform | None = None,
+    batch_size: int,
+    batches_per_epoch: int,
+    num_workers: int = 2,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    shuffle_buffer: int = 1000,
+    normals: bool = False,
+    point_features: Sequence[str] = (),
+    images: bool = False,
+    epoch_source: Callable[[], int | None] | None = None,
+    pin_memory: bool = False,
+) -> EpochLoader:
+    """A training loader yielding exactly ``batches_per_epoch`` :class:`PointBatch` es per pass on this rank.
+
+    Args:
+        urls: shard paths.
+        transform: per-sample transform ending in a fixed point count.
+        batch_size: per-rank batch size.
+        batches_per_epoch: batches per pass (per rank, whatever ``num_workers``).
+        num_workers: DataLoader worker processes (0: in the main process).
+        seed: base seed.
+        rank: this process's rank (default: :func:`resolve_rank`).
+        world_size: number of ranks.
+        shuffle_buffer: per-worker shuffle buffer size.
+        normals: include normals.
+        point_features: per-point fields concatenated into ``feats``.
+        images: include one image per sample.
+        epoch_source: see :class:`EpochLoader`.
+        pin_memory: pin batches (GPU training).
+    """
+    if batches_per_epoch < 1 or num_workers < 0:
+        raise ValueError(
+            f"need batches_per_epoch >= 1 and num_workers >= 0, got {batches_per_epoch}, {num_workers}"
+        )
+    pipeline = make_train_pipeline(
+        urls,
+        transform=transform,
+        batch_size=batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        shuffle_buffer=shuffle_buffer,
+        normals=normals,
+        point_features=point_features,
+        images=images,
+    )
+    loader = wds.WebLoader(
+        pipeline,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=False,
+        pin_memory=pin_memory,
+    ).with_epoch(batches_per_epoch)
+    return EpochLoader(
+        loader, length=batches_per_epoch, on_epoch=pipeline.set_epoch, epoch_source=epoch_source
+    )
+
+
+def _split_by_rank(src: Iterable[Any], *, rank: int, world_size: int) -> Iterator[Any]:
+    for i, item in enumerate(src):
+        if i % world_size == rank:
+            yield item
+
+
+def make_eval_loader(
+    urls: Sequence[str | Path],
+    *,
+    transform: Transform | None = None,
+    batch_size: int,
+    num_workers: int = 0,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    normals: bool = False,
+    point_features: Sequence[str] = (),
+    images: bool = False,
+) -> wds.WebLoader:
+    """One ordered pass over the shards, split by rank then by worker (last batch may be partial).
+
+    For sets too large for memory; smaller evaluation sets should use :mod:`datapipes.memory`, which splits
+    evenly. Ranks get whole shards, so per-rank sample counts differ unless shards divide evenly.
+    """
+    rank, world_size = resolve_rank(rank, world_size)
+    state = StreamState(seed, rank, world_size)
+    decoder = SampleDecoder(
+        transform or Compose(),
+        state,
+        normals=normals,
+        point_features=point_features,
+        images=images,
+        random_view=False,
+    )
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList([str(u) for u in urls]),
+        wds.filters.pipelinefilter(_split_by_rank)(rank=rank, world_size=world_size),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(),
+        decoder,
+        wds.batched(batch_size, collation_fn=collate, partial=True),
+    )
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)

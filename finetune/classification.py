@@ -1,0 +1,217 @@
+"""Shape classification on top of a pre-trained encoder artifact (full finetuning or a frozen linear probe).
+
+The Point-MAE / Point-BERT classification recipe (METHODS §1.5-1.6): the feature is concat[CLS output, max-pool
+of patch outputs]; the head is Point-MAE's (Linear-BN-ReLU-Dropout ×2 + Linear) or Point-BERT's (Linear-ReLU-
+Dropout + Linear). Training draws ``num_points`` of the first ``pool_points`` stored points (= FPS to the pool)
+at random and applies scale-and-translate. Evaluation uses the first ``num_points`` points (FPS) with no
+augmentation; voting (a fixed number of augmented views, logits averaged) is reported separately, never as a
+best-of-N maximum.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from datapipes.errors import UserError
+from finetune.augment import random_point_subset, scale_and_translate
+from pretrain.checkpoint import load_encoder
+from pretrain.encoders import build_encoder
+from pretrain.encoders.base import PointEncoder
+from pretrain.encoders.spec import EncoderSpec
+from pretrain.training import configure_adamw_cosine, seeded_generator
+
+__all__ = ["PointClassifier", "classification_head"]
+
+
+def classification_head(
+    in_dim: int, num_classes: int, style: Literal["mae", "bert"] = "mae"
+) -> nn.Sequential:
+    """The official classification heads (indices match the official ``cls_head_finetune`` keys).
+
+    Shapes: (B, in_dim) -> (B, num_classes).
+    """
+    if style == "mae":
+        return nn.Sequential(
+            nn.Linear(in_dim, 256),
+            nn.BatchNorm1d(256),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Linear(256, 256),
+            nn.BatchNorm1d(256),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Linear(256, num_classes),
+        )
+    if style == "bert":
+        return nn.Sequential(
+            nn.Linear(in_dim, 256), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(256, num_classes)
+        )
+    raise ValueError(f"head must be 'mae' or 'bert', got {style!r}")
+
+
+class PointClassifier(pl.LightningModule):
+    """Finetunes (or linearly probes) an encoder for classification.
+
+    Args:
+        num_classes: number of classes (linked from the data module).
+        pretrained: encoder artifact directory; ``None`` trains from a random init of ``encoder``.
+        encoder: architecture for a random-init ("scratch") run; ignored when ``pretrained`` is set.
+        freeze_encoder: linear probe: the encoder is frozen (eval mode) and only the head trains.
+        head: ``"mae"`` or ``"bert"`` head.
+        drop_path: stochastic depth of the encoder during finetuning.
+        label_smoothing: cross-entropy label smoothing ε.
+        lr: peak learning rate (AdamW).
+        weight_decay: decoupled weight decay (official no-decay rule).
+        warmup_epochs: linear warmup epochs.
+        min_lr: final cosine learning rate.
+        num_points: points fed to the encoder.
+        pool_points: training draws ``num_points`` of the first ``pool_points`` stored points (1200 for 1024).
+        augment: apply scale-and-translate during training.
+        vote_views: augmented views averaged for the voting accuracy at test time (0 disables).
+        seed: seed of the per-step sampling / augmentation generators.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        pretrained: str | None = None,
+        encoder: EncoderSpec | None = None,
+        *,
+        freeze_encoder: bool = False,
+        head: Literal["mae", "bert"] = "mae",
+        drop_path: float = 0.1,
+        label_smoothing: float = 0.0,
+        lr: float = 5e-4,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 10.0,
+        min_lr: float = 1e-6,
+        num_points: int = 1024,
+        pool_points: int = 1200,
+        augment: bool = True,
+        vote_views: int = 10,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if pool_points < num_points:
+            raise ValueError(f"pool_points ({pool_points}) must be >= num_points ({num_points})")
+        self.save_hyperparameters()
+        self.freeze_encoder = freeze_encoder
+        self.label_smoothing = label_smoothing
+        self.lr, self.weight_decay, self.warmup_epochs, self.min_lr = lr, weight_decay, warmup_epochs, min_lr
+        self.num_points, self.pool_points, self.augment = num_points, pool_points, augment
+        self.vote_views, self.seed = vote_views, seed
+        self.encoder, self.artifact_meta = self._build_encoder(pretrained, encoder, drop_path, freeze_encoder)
+        feature_dim = 2 * self.encoder.embed_dim
+        self.cls_head_finetune = classification_head(feature_dim, num_classes, head)
+        if freeze_encoder:
+            self.encoder.requires_grad_(False)
+
+    @staticmethod
+    def _build_encoder(
+        pretrained: str | None, spec: EncoderSpec | None, drop_path: float, frozen: bool
+    ) -> tuple[PointEncoder, dict[str, Any]]:
+        if pretrained is None:
+            base = spec if spec is not None else EncoderSpec()
+            base = EncoderSpec.from_dict({**base.to_dict(), "drop_path": 0.0 if frozen else drop_path})
+            if not frozen:
+                base = EncoderSpec.from_dict({**base.to_dict(), "cls_token": True})
+            return build_encoder(base), {"provenance": {"method": "random-init"}}
+        from pretrain.checkpoint import read_artifact_meta
+
+        meta = read_artifact_meta(pretrained)
+        has_cls = bool(meta["spec"].get("cls_token", False))
+        overrides: dict[str, Any] = {"drop_path": 0.0 if frozen else drop_path}
+        expected_missing: frozenset[str] = frozenset()
+        if not has_cls and not frozen:
+            # Point-MAE encoders are pre-trained without CLS; finetuning adds a fresh CLS token + position.
+            overrides["cls_token"] = True
+            expected_missing = frozenset({"cls_token", "cls_pos"})
+        encoder, meta = load_encoder(pretrained, expected_missing=expected_missing, spec_overrides=overrides)
+        if getattr(encoder, "mask_token", None) is not None:
+            encoder.mask_token.requires_grad_(False)  # only used by BERT-style pre-training
+        return encoder, meta
+
+    def check_data(self, num_points: int, normalization: str | None) -> None:
+        """Raises a UserError when the data does not match the artifact's data contract."""
+        contract = self.artifact_meta.get("data_contract") or {}
+        want = contract.get("normalization")
+        if want and normalization and want != normalization:
+            raise UserError(
+                f"data normalisation {normalization!r} does not match the encoder's contract {want!r}"
+            )
+        if num_points != self.num_points:
+            raise UserError(f"data num_points {num_points} != model num_points {self.num_points}")
+
+    # -------------------------------------------------------------------------------------------- forward
+    def forward(self, points: Tensor) -> Tensor:
+        """Class logits. Shapes: points (B, N, 3) -> (B, num_classes)."""
+        if self.freeze_encoder:
+            self.encoder.eval()
+            with torch.no_grad():
+                features = self.encoder.pool(self.encoder.encode(points))
+        else:
+            features = self.encoder.pool(self.encoder.encode(points))
+        logits: Tensor = self.cls_head_finetune(features)
+        return logits
+
+    def _generator(self, batch_idx: int, stream: int) -> torch.Generator:
+        return seeded_generator(self.seed, self.global_rank, self.global_step, batch_idx, stream)
+
+    def _train_view(self, points: Tensor, generator: torch.Generator) -> Tensor:
+        pool = points[:, : self.pool_points]
+        view = random_point_subset(pool, self.num_points, generator=generator)
+        return scale_and_translate(view, generator=generator) if self.augment else view
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        points, labels = batch.points, batch.label
+        logits = self(self._train_view(points, self._generator(batch_idx, 0)))
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        acc = (logits.argmax(-1) == labels).float().mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=labels.shape[0])
+        self.log("train/acc", acc, batch_size=labels.shape[0])
+        return loss
+
+    def _eval_logits(self, points: Tensor) -> Tensor:
+        out: Tensor = self(points[:, : self.num_points])
+        return out
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        logits = self._eval_logits(batch.points)
+        acc = (logits.argmax(-1) == batch.label).float().mean()
+        loss = F.cross_entropy(logits, batch.label)
+        self.log("val/acc", acc, prog_bar=True, batch_size=batch.label.shape[0], sync_dist=True)
+        self.log("val/loss", loss, batch_size=batch.label.shape[0], sync_dist=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        labels = batch.label
+        logits = self._eval_logits(batch.points)
+        self.log(
+            "test/acc",
+            (logits.argmax(-1) == labels).float().mean(),
+            batch_size=labels.shape[0],
+            sync_dist=True,
+        )
+        if self.vote_views > 0:
+            generator = seeded_generator(self.seed, "vote", batch_idx)
+            votes = torch.stack(
+                [self(self._train_view(batch.points, generator)).softmax(-1) for _ in range(self.vote_views)]
+            ).mean(0)
+            vote_acc = (votes.argmax(-1) == labels).float().mean()
+            self.log(f"test/acc_vote{self.vote_views}", vote_acc, batch_size=labels.shape[0], sync_dist=True)
+
+    # ----------------------------------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> Any:
+        return configure_adamw_cosine(
+            self,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            warmup_epochs=self.warmup_epochs,
+            min_lr=self.min_lr,
+        )

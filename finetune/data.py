@@ -1,0 +1,170 @@
+"""In-memory labelled data for finetuning, with a validation split held out from train (never test).
+
+Clouds come from FPS-ordered shards: the first ``pool_points`` stored points of each cloud are loaded once, so
+training can draw ``num_points`` of them at random (Point-MAE's "FPS to 1200, random 1024") and evaluation can
+take the first ``num_points`` (= FPS to ``num_points``). Map-style datasets, so Lightning's distributed sampler
+splits them evenly across ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datapipes.errors import UserError
+from datapipes.memory import load_split_arrays
+from datapipes.shards import read_manifest
+from datapipes.types import PointBatch
+
+__all__ = ["ClassificationDataModule", "stratified_holdout"]
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Splits indices into (train, val) with ``round(fraction * n_c)`` (at least 1) val samples per class.
+
+    Classes with a single sample stay entirely in train. Deterministic for a given seed.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"val fraction must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    val: list[np.ndarray] = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        if members.size < 2:
+            continue
+        count = min(max(int(round(fraction * members.size)), 1), members.size - 1)
+        val.append(rng.permutation(members)[:count])
+    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
+    train_idx = np.setdiff1d(np.arange(labels.size), val_idx)
+    return train_idx, val_idx
+
+
+class _ArrayDataset(Dataset[tuple[np.ndarray, int, str]]):
+    def __init__(self, xyz: np.ndarray, labels: np.ndarray, keys: list[str]) -> None:
+        self.xyz, self.labels, self.keys = xyz, labels, keys
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int, str]:
+        return self.xyz[index], int(self.labels[index]), self.keys[index]
+
+
+def _collate(items: list[tuple[np.ndarray, int, str]]) -> PointBatch:
+    return PointBatch(
+        points=torch.from_numpy(np.stack([it[0] for it in items])),
+        label=torch.tensor([it[1] for it in items], dtype=torch.long),
+        key=[it[2] for it in items],
+    )
+
+
+class ClassificationDataModule(pl.LightningDataModule):
+    """Train / held-out val / test classification sets from a shard root.
+
+    Args:
+        data_root: shard folder written by ``pcpt-data`` (``manifest.json`` inside).
+        num_points: points fed to the model at evaluation.
+        pool_points: points loaded per cloud (training samples ``num_points`` of them).
+        batch_size: per-device batch size.
+        val_fraction: fraction of each train class held out for model selection (ignored if ``val_split``).
+        val_split: use this shard split for validation instead of a hold-out (it must not be the test split).
+        train_split: shard split used for training.
+        test_split: shard split used only by ``trainer.test``.
+        split_seed: seed of the hold-out.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        data_root: str,
+        *,
+        num_points: int = 1024,
+        pool_points: int = 1200,
+        batch_size: int = 32,
+        val_fraction: float = 0.1,
+        val_split: str | None = None,
+        train_split: str = "train",
+        test_split: str = "test",
+        split_seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if val_split is not None and val_split == test_split:
+            raise UserError(f"val_split {val_split!r} is the test split; select models on held-out data")
+        self.data_root = data_root
+        self.num_points, self.pool_points = num_points, max(pool_points, num_points)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.val_fraction, self.val_split = val_fraction, val_split
+        self.train_split, self.test_split, self.split_seed = train_split, test_split, split_seed
+        self.manifest: dict[str, Any] = read_manifest(data_root)
+        self._sets: dict[str, _ArrayDataset] = {}
+        self.selection: dict[str, Any] = {}
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes listed in the manifest."""
+        return len(self.manifest.get("classes", []))
+
+    @property
+    def normalization(self) -> str | None:
+        """Normalisation recorded by the converter, if any."""
+        source = self.manifest.get("source", {})
+        return source.get("normalization") if isinstance(source, dict) else None
+
+    def _load(self, split: str, num_points: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        if split not in self.manifest.get("splits", {}):
+            raise UserError(
+                f"{self.data_root}: no split {split!r}; has {sorted(self.manifest.get('splits', {}))}"
+            )
+        return load_split_arrays(self.data_root, split, num_points)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._sets:
+            return
+        xyz, labels, keys = self._load(self.train_split, self.pool_points)
+        if self.val_split is None:
+            train_idx, val_idx = stratified_holdout(labels, self.val_fraction, self.split_seed)
+            val_keys = [keys[i] for i in val_idx]
+            self.selection = {
+                "split": f"{self.train_split} hold-out",
+                "fraction": self.val_fraction,
+                "seed": self.split_seed,
+                "num_val": len(val_keys),
+                "val_keys_sha256": hashlib.sha256("\n".join(val_keys).encode()).hexdigest(),
+            }
+            self._sets["val"] = _ArrayDataset(xyz[val_idx], labels[val_idx], val_keys)
+            self._sets["train"] = _ArrayDataset(
+                xyz[train_idx], labels[train_idx], [keys[i] for i in train_idx]
+            )
+        else:
+            vx, vy, vk = self._load(self.val_split, self.pool_points)
+            self.selection = {"split": self.val_split, "num_val": len(vk)}
+            self._sets["val"] = _ArrayDataset(vx, vy, vk)
+            self._sets["train"] = _ArrayDataset(xyz, labels, keys)
+        self._sets["test"] = _ArrayDataset(*self._load(self.test_split, self.pool_points))
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader[Any]:
+        dataset = self._sets[name]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=_collate,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader[Any]:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader[Any]:
+        return self._loader("test", shuffle=False)

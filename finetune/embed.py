@@ -1,0 +1,154 @@
+"""Per-cloud features from an encoder artifact (``pcpt-finetune embed``).
+
+For each cloud the encoder runs in eval mode without masking and returns the patch tokens after the final
+norm, the patch centres and the pooled global feature (``PointEncoder.pool``: concat[CLS, max] when the
+encoder has a CLS token, else concat[max, mean]; width 2D).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from datapipes.errors import UserError
+from pretrain.encoders import PointEncoder
+
+__all__ = ["embed_clouds", "load_clouds", "normalize_unit_sphere", "write_features"]
+
+
+def load_clouds(path: str | Path, *, min_points: int = 1) -> np.ndarray:
+    """Reads point clouds from a ``.npy`` file (memory-mapped, no pickle).
+
+    Args:
+        path: ``.npy`` file with a float array (B, N, 3) or one cloud (N, 3).
+        min_points: smallest acceptable N.
+
+    Returns:
+        A float array (B, N, 3) (a memory map when possible; one cloud gets B = 1).
+
+    Raises:
+        UserError: missing or unreadable file, non-float dtype, wrong shape, too few points.
+    """
+    src = Path(path)
+    if not src.is_file():
+        raise UserError(f"{src}: no such file")
+    _check_npy_header(src)
+    try:
+        clouds = np.load(src, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise UserError(f"{src}: not a readable .npy array: {err}") from err
+    if not isinstance(clouds, np.ndarray):
+        raise UserError(f"{src}: expected a .npy array, got {type(clouds).__name__} (an .npz archive?)")
+    if not np.issubdtype(clouds.dtype, np.floating):
+        raise UserError(f"{src}: expected float32 points, got dtype {clouds.dtype}")
+    if clouds.ndim == 2:
+        clouds = clouds[None]
+    if clouds.ndim != 3 or clouds.shape[-1] != 3:
+        raise UserError(f"{src}: expected shape (B, N, 3) or (N, 3), got {tuple(np.shape(clouds))}")
+    if clouds.shape[0] == 0:
+        raise UserError(f"{src}: contains no clouds")
+    if clouds.shape[1] < min_points:
+        raise UserError(
+            f"{src}: clouds have {clouds.shape[1]} points; the encoder needs at least {min_points}"
+        )
+    return clouds
+
+
+def _check_npy_header(src: Path) -> None:
+    """Rejects files that are not plain ``.npy`` arrays before numpy tries to read them."""
+    try:
+        with open(src, "rb") as fh:
+            head = fh.read(6)
+            if head.startswith(b"PK"):
+                raise UserError(f"{src}: is a zip/.npz archive; expected a .npy array")
+            if head != b"\x93NUMPY":
+                raise UserError(f"{src}: not a .npy file")
+            fh.seek(0)
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                _, _, dtype = np.lib.format.read_array_header_1_0(fh)
+            else:
+                _, _, dtype = np.lib.format.read_array_header_2_0(fh)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{src}: not a readable .npy array: {err}") from err
+    if dtype.hasobject:
+        raise UserError(
+            f"{src}: holds Python objects (pickled data), which pcpt never loads; expected float32"
+        )
+
+
+def normalize_unit_sphere(xyz: torch.Tensor) -> torch.Tensor:
+    """Centres each cloud on its centroid and scales its farthest point to radius 1 (shape (B, N, 3) kept)."""
+    centred = xyz - xyz.mean(dim=1, keepdim=True)
+    radius = centred.norm(dim=-1).amax(dim=1).clamp_min(1e-12)
+    return centred / radius[:, None, None]
+
+
+@torch.no_grad()
+def embed_clouds(
+    encoder: PointEncoder,
+    clouds: np.ndarray,
+    *,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    normalize: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Encodes clouds in batches, in eval mode and without gradients.
+
+    Args:
+        encoder: the encoder (moved to ``device`` and switched to eval mode).
+        clouds: float array (B, N, 3).
+        batch_size: clouds per forward pass.
+        device: where to run.
+        normalize: unit-sphere normalise each cloud first.
+        seed: seeds FPS when the spec's ``fps_start`` is ``"random"``.
+        progress: show a progress bar when there is more than one batch.
+
+    Returns:
+        ``tokens`` float32 (B, G, D), ``centers`` float32 (B, G, 3), ``pooled`` float32 (B, 2D).
+
+    Raises:
+        UserError: non-finite coordinates (the message names the first bad cloud).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    encoder = encoder.to(device).eval()
+    generator = torch.Generator().manual_seed(seed)
+    total = clouds.shape[0]
+    starts = range(0, total, batch_size)
+    outputs: dict[str, list[np.ndarray]] = {"tokens": [], "centers": [], "pooled": []}
+    bar = tqdm(starts, desc="embed", unit="batch", disable=not progress or len(starts) <= 1)
+    for start in bar:
+        chunk = np.array(clouds[start : start + batch_size], dtype=np.float32)  # a writable copy
+        if not np.isfinite(chunk).all():
+            bad = start + int(np.flatnonzero(~np.isfinite(chunk).all(axis=(1, 2)))[0])
+            raise UserError(f"cloud {bad} has non-finite coordinates")
+        xyz = torch.from_numpy(chunk).to(device)
+        if normalize:
+            xyz = normalize_unit_sphere(xyz)
+        out = encoder.encode(xyz, generator=generator)
+        outputs["tokens"].append(out.tokens.float().cpu().numpy())
+        outputs["centers"].append(out.centers.float().cpu().numpy())
+        outputs["pooled"].append(encoder.pool(out).float().cpu().numpy())
+    return {name: np.concatenate(parts, axis=0) for name, parts in outputs.items()}
+
+
+def write_features(path: str | Path, features: dict[str, np.ndarray]) -> Path:
+    """Writes ``features`` to an ``.npz`` atomically (temporary file, then rename); returns the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, allow_pickle=False, **features)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

@@ -1,0 +1,88 @@
+"""``pcpt-finetune fit``: LightningCLI for classification finetuning / linear probing of an encoder artifact.
+
+``--model.pretrained ART`` loads the artifact strictly and checks its data contract against the data module.
+The number of classes comes from the shards' manifest. After fitting, the test split is evaluated once, with
+the checkpoint selected on the validation split (held out from train) when a ``ModelCheckpoint`` monitors
+``val/acc``, else with the last epoch's weights; ``results.json`` in the log directory records the protocol,
+the selection split, single-pass accuracy and the fixed-count voting accuracy separately.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from finetune.classification import PointClassifier
+from finetune.data import ClassificationDataModule
+
+__all__ = ["FinetuneCLI", "run_lightning_cli"]
+
+
+class FinetuneCLI(LightningCLI):
+    """LightningCLI with the data → model links and a final held-out-selected test evaluation."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.num_points", "model.num_points")
+        parser.link_arguments("data.pool_points", "model.pool_points")
+        parser.add_argument("--skip_test", type=bool, default=False, help="do not evaluate the test split")
+
+    def before_fit(self) -> None:
+        model, data = self.model, self.datamodule
+        if isinstance(model, PointClassifier) and isinstance(data, ClassificationDataModule):
+            model.check_data(data.num_points, data.normalization)
+
+    def after_fit(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("skip_test"):
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        monitored = isinstance(checkpoint, ModelCheckpoint) and checkpoint.monitor == "val/acc"
+        ckpt_path = "best" if monitored and checkpoint.best_model_path else None
+        metrics = self.trainer.test(
+            self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False
+        )
+        if not self.trainer.is_global_zero:
+            return
+        model, data = self.model, self.datamodule
+        if not (isinstance(model, PointClassifier) and isinstance(data, ClassificationDataModule)):
+            return
+        result = {
+            "protocol": "linear probe (frozen encoder)" if model.freeze_encoder else "full finetuning",
+            "model_selection": {
+                **data.selection,
+                "checkpoint": (
+                    f"best val/acc ({checkpoint.best_model_score:.4f}) at {Path(checkpoint.best_model_path).name}"
+                    if ckpt_path == "best" and isinstance(checkpoint, ModelCheckpoint)
+                    else "last epoch"
+                ),
+            },
+            "test_split": data.test_split,
+            "metrics": {k: float(v) for k, v in (metrics[0] if metrics else {}).items()},
+            "voting": f"{model.vote_views} augmented views averaged once (no best-of-N)",
+            "pretrained": model.hparams.get("pretrained"),
+            "artifact_provenance": model.artifact_meta.get("provenance"),
+            "seed": model.seed,
+        }
+        out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "results.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["metrics"]))
+        print(f"pcpt-finetune: results written to {out}")
+
+
+def run_lightning_cli(argv: Sequence[str]) -> int:
+    """Runs the finetuning LightningCLI with ``argv`` (starting with the subcommand); returns 0."""
+    FinetuneCLI(
+        PointClassifier,
+        ClassificationDataModule,
+        save_config_kwargs={"overwrite": True},
+        args=list(argv),
+        auto_configure_optimizers=False,
+    )
+    return 0

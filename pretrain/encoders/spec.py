@@ -1,0 +1,192 @@
+"""Value objects that describe an encoder and the data it expects.
+
+:class:`EncoderSpec` holds everything needed to rebuild an encoder without the training code (it is stored
+in every encoder artifact and parsed by LightningCLI from YAML). :class:`DataContract` records the
+preprocessing the encoder was trained with, so downstream code can check that its data matches.
+
+The defaults reproduce the official Point-MAE encoder (Pang et al., ECCV 2022): 384 wide, 12 blocks, 6 heads,
+64 patches of 32 points, FPS starting at index 0 with the pointnet2 near-origin skip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+__all__ = ["NAMED_SIZES", "DataContract", "EncoderSpec"]
+
+
+def _check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _from_mapping(cls: type[Any], data: Mapping[str, Any], tuple_fields: tuple[str, ...] = ()) -> Any:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{cls.__name__}.from_dict expects a mapping, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {unknown}; known fields: {sorted(known)}")
+    values = dict(data)
+    for name in tuple_fields:
+        if name in values and isinstance(values[name], list):
+            values[name] = tuple(values[name])
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Architecture of a point encoder; everything needed to rebuild it.
+
+    Attributes:
+        arch: registry name of the encoder family (``pretrain.encoders.ENCODERS``).
+        embed_dim: transformer width D.
+        depth: number of transformer blocks.
+        num_heads: attention heads; must divide ``embed_dim``.
+        mlp_ratio: hidden width of the block MLP as a multiple of ``embed_dim``.
+        num_groups: patches G per cloud (FPS centres).
+        group_size: points K per patch (kNN of each centre).
+        tokenizer_dim: output width of the mini-PointNet. Point-BERT uses 256 followed by a ``reduce_dim``
+            Linear to ``embed_dim``; when equal to ``embed_dim`` (Point-MAE) there is no reduce layer.
+        drop_path: stochastic-depth rate of the last block (linearly increasing from 0).
+        cls_token: prepend a learnable CLS token with its own positional embedding ``cls_pos``
+            (Point-BERT, finetuned classifiers).
+        mask_token: own a learnable mask token for BERT-style replacement (``replace=`` in ``forward``).
+        fps_start: index of the first FPS centre, or ``"random"`` (drawn from the caller's generator).
+        fps_skip_near_origin: reproduce the pointnet2 kernel, which never picks points with
+            x²+y²+z² ≤ 1e-3 after the first centre.
+    """
+
+    arch: str = "point_vit"
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    num_groups: int = 64
+    group_size: int = 32
+    tokenizer_dim: int = 384
+    drop_path: float = 0.1
+    cls_token: bool = False
+    mask_token: bool = False
+    fps_start: int | Literal["random"] = 0
+    fps_skip_near_origin: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.arch, str) or not self.arch:
+            raise ValueError(f"arch must be a non-empty string, got {self.arch!r}")
+        for name in ("embed_dim", "depth", "num_heads", "num_groups", "group_size", "tokenizer_dim"):
+            _check_positive(name, getattr(self, name))
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"num_heads={self.num_heads} must divide embed_dim={self.embed_dim}")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
+        if self.fps_start != "random" and (
+            isinstance(self.fps_start, bool) or not isinstance(self.fps_start, int) or self.fps_start < 0
+        ):
+            raise ValueError(f"fps_start must be an int >= 0 or 'random', got {self.fps_start!r}")
+
+    @property
+    def has_reduce_dim(self) -> bool:
+        """Whether a ``reduce_dim`` Linear maps tokenizer features to ``embed_dim``."""
+        return self.tokenizer_dim != self.embed_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (JSON and ``torch.load(weights_only=True)`` friendly)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EncoderSpec:
+        """Inverse of :meth:`to_dict`; missing fields take their defaults.
+
+        Raises:
+            ValueError: unknown fields (named in the message) or invalid values.
+        """
+        spec: EncoderSpec = _from_mapping(cls, data)
+        return spec
+
+    @classmethod
+    def named(cls, size: str, **overrides: Any) -> EncoderSpec:
+        """A named size with optional field overrides, e.g. ``EncoderSpec.named("tiny", cls_token=True)``.
+
+        Sizes: ``tiny`` (32 wide, 2 blocks, 2 heads, 16 groups of 8 points; for tests and smoke runs) and
+        ``small`` (the official Point-BERT/Point-MAE encoder: 384 × 12 blocks × 6 heads, 64 groups of 32).
+
+        Raises:
+            ValueError: unknown size or override field.
+        """
+        if size not in NAMED_SIZES:
+            raise ValueError(f"unknown encoder size {size!r}; known: {sorted(NAMED_SIZES)}")
+        return cls.from_dict({**NAMED_SIZES[size], **overrides})
+
+
+NAMED_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "embed_dim": 32,
+        "depth": 2,
+        "num_heads": 2,
+        "num_groups": 16,
+        "group_size": 8,
+        "tokenizer_dim": 32,
+    },
+    "small": {
+        "embed_dim": 384,
+        "depth": 12,
+        "num_heads": 6,
+        "num_groups": 64,
+        "group_size": 32,
+        "tokenizer_dim": 384,
+    },
+}
+
+
+@dataclass(frozen=True)
+class DataContract:
+    """Preprocessing an encoder was trained with; downstream data must match it.
+
+    Attributes:
+        num_points: points per cloud fed to the encoder.
+        normalization: ``"unit_sphere"`` (centre on the centroid, scale the farthest point to radius 1)
+            or ``"none"``.
+        fps_order: whether the clouds were stored in farthest-point order (first n = FPS subsample).
+        channels: per-point input channels, in order.
+    """
+
+    num_points: int = 1024
+    normalization: Literal["unit_sphere", "none"] = "unit_sphere"
+    fps_order: bool = False
+    channels: tuple[str, ...] = ("x", "y", "z")
+
+    def __post_init__(self) -> None:
+        _check_positive("num_points", self.num_points)
+        if self.normalization not in ("unit_sphere", "none"):
+            raise ValueError(f"normalization must be 'unit_sphere' or 'none', got {self.normalization!r}")
+        if not self.channels or not all(isinstance(c, str) for c in self.channels):
+            raise ValueError(f"channels must be a non-empty tuple of names, got {self.channels!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form; ``channels`` becomes a list (JSON)."""
+        data = dataclasses.asdict(self)
+        data["channels"] = list(self.channels)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DataContract:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: unknown fields (named in the message) or invalid values.
+        """
+        contract: DataContract = _from_mapping(cls, data, tuple_fields=("channels",))
+        return contract
+
+
+# Modules built outside LightningCLI pickle these into hyper-parameters; keep such checkpoints loadable
+# under torch.load(weights_only=True).
+torch.serialization.add_safe_globals([EncoderSpec, DataContract])

@@ -1,0 +1,77 @@
+"""``pcpt-pretrain fit|validate``: LightningCLI over every pre-training method and the shard DataModule.
+
+The YAML's ``model.class_path`` picks the method (``pretrain.methods.point_mae.PointMAE``, ...). Typed
+``__init__`` signatures are the config schema; ``--print_config`` shows everything that will run. Before
+fitting, the resolved config's sha256 and the data manifest's sha256 are recorded for provenance; after
+fitting, rank 0 writes the encoder artifact to ``<log dir>/encoder`` (``--export_dir`` overrides it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+from datapipes.datamodule import PointCloudDataModule
+from pretrain.methods.base import PretrainModule
+
+__all__ = ["PretrainCLI", "run_lightning_cli"]
+
+
+def _sha256_file(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+class PretrainCLI(LightningCLI):
+    """LightningCLI that records provenance and exports the encoder artifact after ``fit``."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument(
+            "--export_dir",
+            type=str | None,
+            default=None,
+            help="where to write the encoder artifact after fit (default: <log dir>/encoder)",
+        )
+
+    def _subconfig(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_fit(self) -> None:
+        model = self.model
+        if not isinstance(model, PretrainModule):
+            return
+        dump = self.parser.dump(self.config, skip_none=False, skip_check=True)
+        model.provenance_extra["config_sha256"] = hashlib.sha256(dump.encode()).hexdigest()
+        root = getattr(self.datamodule, "data_root", None)
+        if root:
+            model.provenance_extra["data_manifest_sha256"] = _sha256_file(Path(root) / "manifest.json")
+
+    def after_fit(self) -> None:
+        model = self.model
+        if not isinstance(model, PretrainModule) or not self.trainer.is_global_zero:
+            return
+        export_dir = self._subconfig().get("export_dir")
+        if export_dir is None:
+            base = self.trainer.log_dir or self.trainer.default_root_dir
+            export_dir = str(Path(base) / "encoder")
+        path = model.export_encoder(export_dir)
+        print(f"pcpt-pretrain: encoder artifact written to {path}")
+
+
+def run_lightning_cli(argv: Sequence[str]) -> int:
+    """Runs LightningCLI with ``argv`` (starting with the subcommand, e.g. ``fit``); returns 0."""
+    PretrainCLI(
+        PretrainModule,
+        PointCloudDataModule,
+        subclass_mode_model=True,
+        save_config_kwargs={"overwrite": True},
+        args=list(argv),
+        auto_configure_optimizers=False,
+    )
+    return 0

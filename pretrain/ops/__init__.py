@@ -1,0 +1,26 @@
+"""Exact geometric ops in pure torch: FPS, kNN, patch grouping, masks and Chamfer distance.
+
+Batched and channels-last (``xyz (B, N, 3)``, features ``(B, N, C)``, indices ``(B, S)`` long), CPU and
+CUDA, explicit ``torch.Generator`` wherever randomness is drawn. They reproduce the custom CUDA ops of
+Point-BERT / Point-MAE (pointnet2_ops FPS, KNN_CUDA, chamfer_dist) without compiling anything.
+"""
+
+from pretrain.ops.chamfer import chamfer_distance, nearest_sqdist
+from pretrain.ops.grouping import PatchGroups, gather_points, group_points
+from pretrain.ops.masking import block_group_mask, random_group_mask, split_by_mask
+from pretrain.ops.neighbors import knn, pairwise_sqdist
+from pretrain.ops.sampling import farthest_point_sample
+
+__all__ = [
+    "PatchGroups",
+    "block_group_mask",
+    "chamfer_distance",
+    "farthest_point_sample",
+    "gather_points",
+    "group_points",
+    "knn",
+    "nearest_sqdist",
+    "pairwise_sqdist",
+    "random_group_mask",
+    "split_by_mask",
+]

@@ -1,0 +1,240 @@
+"""Learning-rate and hyper-parameter schedules as pure functions of the step.
+
+* :func:`cosine_with_warmup` is the per-step form of the timm ``CosineLRScheduler`` configuration used by
+  Point-BERT and Point-MAE (``t_initial=total, lr_min=1e-6, warmup_lr_init=1e-6, warmup_t=warmup,
+  cycle_limit=1``): a linear warmup from ``warmup_init_lr`` that *replaces* the first ``warmup_steps`` of a
+  single cosine running from step 0 to ``total_steps`` (timm's default ``warmup_prefix=False``), then
+  ``min_lr`` from ``total_steps`` on.
+* :func:`warmup_cosine_scheduler` wraps it in a resumable :class:`torch.optim.lr_scheduler.LambdaLR` that
+  scales every parameter group from its own base learning rate.
+* :func:`cosine_ramp`, :func:`gumbel_temperature` and :func:`kl_weight` are the per-iteration schedules of the
+  Point-BERT dVAE (Yu et al., CVPR 2022): Gumbel-softmax temperature 1 → 1/16 over 100k iterations and a KL
+  weight that stays 0 for 10k iterations, then ramps 0 → 0.1 over 100k iterations.
+
+The official loops step the timm scheduler once per *epoch* with ``scheduler.step(epoch)`` after the epoch;
+passing the epoch index as ``step`` gives the same values. Stepping per optimizer step (``interval: step`` in
+Lightning) gives the smooth version of the same curve.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+__all__ = [
+    "GUMBEL_TEMPERATURE_END",
+    "GUMBEL_TEMPERATURE_ITERS",
+    "GUMBEL_TEMPERATURE_START",
+    "KL_WEIGHT_END",
+    "KL_WEIGHT_RAMP_ITERS",
+    "KL_WEIGHT_START_IT",
+    "WarmupCosineFactor",
+    "cosine_ramp",
+    "cosine_with_warmup",
+    "gumbel_temperature",
+    "kl_weight",
+    "warmup_cosine_scheduler",
+]
+
+GUMBEL_TEMPERATURE_START = 1.0
+GUMBEL_TEMPERATURE_END = 1.0 / 16.0
+GUMBEL_TEMPERATURE_ITERS = 100_000
+KL_WEIGHT_START_IT = 10_000
+KL_WEIGHT_RAMP_ITERS = 100_000
+KL_WEIGHT_END = 0.1
+
+
+def _check_non_negative_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+def _check_schedule(total_steps: int, warmup_steps: int) -> None:
+    _check_non_negative_int("total_steps", total_steps)
+    _check_non_negative_int("warmup_steps", warmup_steps)
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if warmup_steps > total_steps:
+        raise ValueError(f"warmup_steps={warmup_steps} must be <= total_steps={total_steps}")
+
+
+def cosine_with_warmup(
+    step: int,
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    base_lr: float,
+    min_lr: float = 1e-6,
+    warmup_init_lr: float = 1e-6,
+) -> float:
+    """Learning rate at ``step`` of a linear warmup followed by a single cosine decay.
+
+    ``lr = warmup_init_lr + step·(base_lr − warmup_init_lr)/warmup_steps`` for ``step < warmup_steps``;
+    ``lr = min_lr + (base_lr − min_lr)·(1 + cos(π·step/total_steps))/2`` for
+    ``warmup_steps ≤ step < total_steps``; ``min_lr`` from ``total_steps`` on. The cosine is measured from
+    step 0, not from the end of the warmup (timm ``warmup_prefix=False``), so the first post-warmup value is
+    slightly below ``base_lr``, exactly as in the official Point-BERT/Point-MAE runs.
+
+    Args:
+        step: optimizer step (or epoch, for the official per-epoch stepping), ``>= 0``.
+        total_steps: length of the cosine cycle (timm ``t_initial``).
+        warmup_steps: linear warmup length (timm ``warmup_t``); 0 disables the warmup.
+        base_lr: peak learning rate.
+        min_lr: final learning rate (timm ``lr_min``).
+        warmup_init_lr: learning rate at step 0 of the warmup (timm ``warmup_lr_init``).
+
+    Returns:
+        The learning rate, a float.
+
+    Raises:
+        ValueError: negative ``step``, ``warmup_steps > total_steps`` or ``total_steps < 1``.
+    """
+    _check_non_negative_int("step", step)
+    _check_schedule(total_steps, warmup_steps)
+    if step < warmup_steps:
+        return warmup_init_lr + step * (base_lr - warmup_init_lr) / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * step / total_steps))
+
+
+class WarmupCosineFactor:
+    """Multiplicative factor of :func:`cosine_with_warmup` for one parameter group (a ``LambdaLR`` lambda).
+
+    ``factor(step) = cosine_with_warmup(step, base_lr=base_lr, ...) / base_lr``, so ``min_lr`` and
+    ``warmup_init_lr`` stay absolute values whatever the group's base learning rate. A group whose base
+    learning rate is 0 stays at 0. Being a plain object (not a closure), its fields are saved in and restored
+    from ``LambdaLR.state_dict()``.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_lr: float,
+        total_steps: int,
+        warmup_steps: int,
+        min_lr: float = 1e-6,
+        warmup_init_lr: float = 1e-6,
+    ) -> None:
+        _check_schedule(total_steps, warmup_steps)
+        if base_lr < 0:
+            raise ValueError(f"base_lr must be >= 0, got {base_lr}")
+        self.base_lr = float(base_lr)
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
+        self.min_lr = float(min_lr)
+        self.warmup_init_lr = float(warmup_init_lr)
+
+    def __call__(self, step: int) -> float:
+        if self.base_lr == 0.0:
+            return 0.0
+        lr = cosine_with_warmup(
+            step,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            base_lr=self.base_lr,
+            min_lr=self.min_lr,
+            warmup_init_lr=self.warmup_init_lr,
+        )
+        return lr / self.base_lr
+
+
+def warmup_cosine_scheduler(
+    optimizer: torch.optim.Optimizer,
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    min_lr: float = 1e-6,
+    warmup_init_lr: float = 1e-6,
+    last_epoch: int = -1,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` following :func:`cosine_with_warmup` for every parameter group.
+
+    Each group keeps its own peak learning rate (``initial_lr``, set from ``lr`` when the scheduler is
+    created). Call ``scheduler.step()`` once per optimizer step (Lightning: ``"interval": "step"``). Resume by
+    loading the optimizer's and the scheduler's ``state_dict`` into a freshly built pair.
+
+    Args:
+        optimizer: the optimizer; its groups' ``lr`` are the peak learning rates.
+        total_steps: length of the cosine cycle in scheduler steps.
+        warmup_steps: warmup length in scheduler steps.
+        min_lr: final learning rate of every group.
+        warmup_init_lr: learning rate of every group at step 0.
+        last_epoch: passed to ``LambdaLR`` (``-1`` starts a new schedule).
+
+    Returns:
+        The scheduler.
+
+    Raises:
+        ValueError: invalid step counts (see :func:`cosine_with_warmup`).
+    """
+    _check_schedule(total_steps, warmup_steps)
+    factors: list[Any] = []
+    for group in optimizer.param_groups:
+        base_lr = group.get("initial_lr", group["lr"])
+        factors.append(
+            WarmupCosineFactor(
+                base_lr=float(base_lr),
+                total_steps=total_steps,
+                warmup_steps=warmup_steps,
+                min_lr=min_lr,
+                warmup_init_lr=warmup_init_lr,
+            )
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=factors, last_epoch=last_epoch)
+
+
+def cosine_ramp(it: int, *, start_it: int, ramp_iters: int, start_value: float, end_value: float) -> float:
+    """Half-cosine from ``start_value`` to ``end_value`` between ``start_it`` and ``start_it + ramp_iters``.
+
+    ``value = end + (start − end)·(1 + cos(π·(it − start_it)/ramp_iters))/2`` inside the ramp,
+    ``start_value`` before it and ``end_value`` after it.
+
+    Args:
+        it: training iteration, ``>= 0``.
+        start_it: first iteration of the ramp.
+        ramp_iters: ramp length in iterations, ``>= 1``.
+        start_value: value before and at the start of the ramp.
+        end_value: value at the end of the ramp and afterwards.
+
+    Returns:
+        The scheduled value.
+
+    Raises:
+        ValueError: negative ``it`` or ``start_it``, or ``ramp_iters < 1``.
+    """
+    _check_non_negative_int("it", it)
+    _check_non_negative_int("start_it", start_it)
+    _check_non_negative_int("ramp_iters", ramp_iters)
+    if ramp_iters < 1:
+        raise ValueError(f"ramp_iters must be >= 1, got {ramp_iters}")
+    t = it - start_it
+    if t < 0:
+        return start_value
+    if t >= ramp_iters:
+        return end_value
+    return end_value + (start_value - end_value) * (1.0 + math.cos(math.pi * t / ramp_iters)) / 2.0
+
+
+def gumbel_temperature(it: int) -> float:
+    """Point-BERT dVAE Gumbel-softmax temperature at ``it``: cosine 1 → 1/16 over 100k, then 1/16."""
+    return cosine_ramp(
+        it,
+        start_it=0,
+        ramp_iters=GUMBEL_TEMPERATURE_ITERS,
+        start_value=GUMBEL_TEMPERATURE_START,
+        end_value=GUMBEL_TEMPERATURE_END,
+    )
+
+
+def kl_weight(it: int) -> float:
+    """Point-BERT dVAE KL weight at iteration ``it``: 0 for 10k, cosine 0 → 0.1 over 100k, then 0.1."""
+    return cosine_ramp(
+        it,
+        start_it=KL_WEIGHT_START_IT,
+        ramp_iters=KL_WEIGHT_RAMP_ITERS,
+        start_value=0.0,
+        end_value=KL_WEIGHT_END,
+    )

@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pretrain.schedules import (
+    WarmupCosineFactor,
+    cosine_ramp,
+    cosine_with_warmup,
+    gumbel_temperature,
+    kl_weight,
+    warmup_cosine_scheduler,
+)
+
+
+def timm_cosine_reference(t, *, t_initial, lr_min, warmup_lr_init, warmup_t, base):
+    """timm CosineLRScheduler._get_lr (cycle_mul=1, cycle_decay=1, cycle_limit=1, warmup_prefix=False)."""
+    if t < warmup_t:
+        return warmup_lr_init + t * (base - warmup_lr_init) / warmup_t
+    i = t // t_initial
+    t_curr = t - t_initial * i
+    if i < 1:
+        return lr_min + 0.5 * (base - lr_min) * (1 + math.cos(math.pi * t_curr / t_initial))
+    return lr_min
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 10])
+def test_cosine_with_warmup_matches_timm_reference(warmup):
+    for t in range(0, 320):
+        got = cosine_with_warmup(t, total_steps=300, warmup_steps=warmup, base_lr=1e-3)
+        want = timm_cosine_reference(
+            t, t_initial=300, lr_min=1e-6, warmup_lr_init=1e-6, warmup_t=warmup, base=1e-3
+        )
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-15), t
+
+
+def test_cosine_with_warmup_closed_forms():
+    kw: dict = {"total_steps": 100, "warmup_steps": 10, "base_lr": 0.5, "min_lr": 0.0, "warmup_init_lr": 0.0}
+    assert cosine_with_warmup(0, **kw) == 0.0
+    assert cosine_with_warmup(5, **kw) == pytest.approx(0.25)
+    # no warmup prefix: the cosine is measured from step 0, so step 10 is cos(pi/10), not the peak
+    assert cosine_with_warmup(10, **kw) == pytest.approx(0.25 * (1 + math.cos(math.pi / 10)))
+    assert cosine_with_warmup(50, **kw) == pytest.approx(0.25)
+    assert cosine_with_warmup(100, **kw) == 0.0
+    assert cosine_with_warmup(10_000, **kw) == 0.0
+    # default floors are the official 1e-6
+    assert cosine_with_warmup(0, total_steps=10, warmup_steps=2, base_lr=1.0) == 1e-6
+    assert cosine_with_warmup(10, total_steps=10, warmup_steps=2, base_lr=1.0) == 1e-6
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"total_steps": 0, "warmup_steps": 0}, "total_steps"),
+        ({"total_steps": 5, "warmup_steps": 6}, "warmup_steps"),
+        ({"total_steps": 5, "warmup_steps": -1}, "warmup_steps"),
+    ],
+)
+def test_cosine_with_warmup_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cosine_with_warmup(0, base_lr=1.0, **kwargs)
+
+
+def test_cosine_with_warmup_rejects_negative_step():
+    with pytest.raises(ValueError, match="step"):
+        cosine_with_warmup(-1, total_steps=5, warmup_steps=0, base_lr=1.0)
+
+
+def _optimizer():
+    a = torch.nn.Parameter(torch.zeros(2))
+    b = torch.nn.Parameter(torch.zeros(2))
+    return torch.optim.SGD([{"params": [a], "lr": 1e-3}, {"params": [b], "lr": 4e-3}], lr=1.0)
+
+
+def _run(opt, sched, n):
+    lrs = []
+    for _ in range(n):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_scheduler_follows_function_per_group():
+    opt = _optimizer()
+    sched = warmup_cosine_scheduler(opt, total_steps=20, warmup_steps=4)
+    lrs = _run(opt, sched, 25)
+    for step, (lr_a, lr_b) in enumerate(lrs):
+        assert lr_a == pytest.approx(cosine_with_warmup(step, total_steps=20, warmup_steps=4, base_lr=1e-3))
+        assert lr_b == pytest.approx(cosine_with_warmup(step, total_steps=20, warmup_steps=4, base_lr=4e-3))
+    # absolute floors, independent of the group's base lr
+    assert lrs[0] == pytest.approx([1e-6, 1e-6])
+    assert lrs[-1] == pytest.approx([1e-6, 1e-6])
+
+
+def test_scheduler_resumes_from_state_dict():
+    opt = _optimizer()
+    sched = warmup_cosine_scheduler(opt, total_steps=30, warmup_steps=5)
+    full = _run(opt, sched, 30)
+
+    opt1 = _optimizer()
+    sched1 = warmup_cosine_scheduler(opt1, total_steps=30, warmup_steps=5)
+    first = _run(opt1, sched1, 12)
+    opt_state, sched_state = opt1.state_dict(), sched1.state_dict()
+
+    opt2 = _optimizer()
+    sched2 = warmup_cosine_scheduler(opt2, total_steps=30, warmup_steps=5)
+    opt2.load_state_dict(opt_state)
+    sched2.load_state_dict(sched_state)
+    second = _run(opt2, sched2, 18)
+    flat = [lr for row in first + second for lr in row]
+    assert flat == pytest.approx([lr for row in full for lr in row], rel=1e-12)
+
+
+def test_zero_base_lr_group_stays_zero():
+    factor = WarmupCosineFactor(base_lr=0.0, total_steps=10, warmup_steps=2)
+    assert [factor(s) for s in range(12)] == [0.0] * 12
+
+
+def test_cosine_ramp_closed_form():
+    kw: dict = {"start_it": 10, "ramp_iters": 100, "start_value": 2.0, "end_value": 0.0}
+    assert cosine_ramp(0, **kw) == 2.0
+    assert cosine_ramp(10, **kw) == 2.0
+    assert cosine_ramp(60, **kw) == pytest.approx(1.0)
+    assert cosine_ramp(35, **kw) == pytest.approx(1.0 + math.cos(math.pi / 4))
+    assert cosine_ramp(110, **kw) == 0.0
+    assert cosine_ramp(10**7, **kw) == 0.0
+    with pytest.raises(ValueError, match="ramp_iters"):
+        cosine_ramp(0, start_it=0, ramp_iters=0, start_value=1.0, end_value=0.0)
+
+
+def point_bert_temp(niter):
+    start, target, ntime = 1.0, 0.0625, 100000
+    if niter > ntime:
+        return target
+    return target + (start - target) * (1.0 + math.cos(math.pi * float(niter) / ntime)) / 2.0
+
+
+def point_bert_kl(niter):
+    start, target, ntime = 0.0, 0.1, 100000
+    n = niter - 10000
+    if n > ntime:
+        return target
+    if n < 0:
+        return 0.0
+    return target + (start - target) * (1.0 + math.cos(math.pi * float(n) / ntime)) / 2.0
+
+
+@pytest.mark.parametrize(
+    "it", [0, 1, 5_000, 9_999, 10_000, 10_001, 50_000, 60_000, 99_999, 100_000, 110_000, 200_000]
+)
+def test_dvae_schedules_match_point_bert(it):
+    assert gumbel_temperature(it) == pytest.approx(point_bert_temp(it), rel=1e-12, abs=1e-15)
+    assert kl_weight(it) == pytest.approx(point_bert_kl(it), rel=1e-12, abs=1e-15)
+
+
+def test_dvae_schedule_landmarks():
+    assert gumbel_temperature(0) == 1.0
+    assert gumbel_temperature(50_000) == pytest.approx((1 + 1 / 16) / 2)
+    assert gumbel_temperature(100_000) == pytest.approx(1 / 16)
+    assert gumbel_temperature(500_000) == 1 / 16
+    assert kl_weight(9_999) == 0.0
+    assert kl_weight(60_000) == pytest.approx(0.05)
+    assert kl_weight(110_000) == pytest.approx(0.1)
+    assert kl_weight(10**6) == 0.1
