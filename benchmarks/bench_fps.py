@@ -15,7 +15,8 @@ open3d for every cloud (open3d returns the chosen points in index order), and pc
 the naive loop's, in order.
 
 Run: ``python benchmarks/bench_fps.py --repeats 5 --threads 2``. The timing is the median over repeats
-(``min`` also reported) after one warm-up call.
+(``min`` also reported) after one warm-up call; the methods alternate within each repetition so that a
+load change on a shared machine hits all of them alike.
 """
 
 from __future__ import annotations
@@ -56,15 +57,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """(median, min) wall-clock seconds of ``fn`` over ``repeats`` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
+def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Wall-clock seconds of every function over ``repeats`` rounds, after one warm-up call each.
+
+    The functions alternate within each round, so a load change on a shared machine affects all of them.
+    """
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times), min(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            begin = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - begin)
+    return times
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,17 +104,17 @@ def main(argv: list[str] | None = None) -> None:
         xyz = torch.from_numpy(clouds64).float()
         o3d_clouds = [o3d.geometry.PointCloud(o3d.utility.Vector3dVector(c)) for c in clouds64]
 
-        pcpt, pcpt_min = timed(lambda: farthest_point_sample(xyz, num_samples), args.repeats)  # noqa: B023
-        parity, _ = timed(
-            lambda: farthest_point_sample(xyz, num_samples, skip_near_origin=True),  # noqa: B023
-            args.repeats,
-        )
-        o3d_time, o3d_min = timed(
-            lambda: [c.farthest_point_down_sample(num_samples) for c in o3d_clouds],  # noqa: B023
-            args.repeats,
-        )
         few = xyz[: args.naive_clouds]
-        naive, _ = timed(lambda: [naive_fps(c, num_samples) for c in few], max(1, args.repeats // 2))  # noqa: B023
+        times = timed(
+            {
+                "pcpt": lambda: farthest_point_sample(xyz, num_samples),  # noqa: B023
+                "pcpt_parity": lambda: farthest_point_sample(xyz, num_samples, skip_near_origin=True),  # noqa: B023
+                "open3d": lambda: [c.farthest_point_down_sample(num_samples) for c in o3d_clouds],  # noqa: B023
+                "naive": lambda: [naive_fps(c, num_samples) for c in few],  # noqa: B023
+            },
+            args.repeats,
+        )
+        clouds = {"pcpt": batch, "pcpt_parity": batch, "open3d": batch, "naive": len(few)}
 
         idx64 = farthest_point_sample(torch.from_numpy(clouds64), num_samples).numpy()
         same_as_open3d = all(
@@ -120,22 +126,15 @@ def main(argv: list[str] | None = None) -> None:
         idx32 = farthest_point_sample(few, num_samples)
         same_as_naive = all(torch.equal(naive_fps(c, num_samples), i) for c, i in zip(few, idx32))
 
-        per_cloud = {
-            "pcpt": pcpt / batch,
-            "pcpt_parity": parity / batch,
-            "open3d": o3d_time / batch,
-            "naive": naive / len(few),
-        }
+        per_cloud = {name: statistics.median(t) / clouds[name] for name, t in times.items()}
+        best = {name: min(t) / clouds[name] for name, t in times.items()}
         results.append(
             {
                 "batch": batch,
                 "num_points": num_points,
                 "num_samples": num_samples,
                 "ms_per_cloud": {k: round(v * 1e3, 4) for k, v in per_cloud.items()},
-                "ms_per_cloud_min": {
-                    "pcpt": round(pcpt_min / batch * 1e3, 4),
-                    "open3d": round(o3d_min / batch * 1e3, 4),
-                },
+                "ms_per_cloud_min": {k: round(v * 1e3, 4) for k, v in best.items()},
                 "speedup_vs_open3d": round(per_cloud["open3d"] / per_cloud["pcpt"], 3),
                 "speedup_vs_naive": round(per_cloud["naive"] / per_cloud["pcpt"], 3),
                 "naive_vs_open3d": round(per_cloud["naive"] / per_cloud["open3d"], 3),

@@ -1,16 +1,19 @@
 """Execution engines for per-item work grouped into shard jobs: in-process, local process pool, Ray Data.
 
-A converter hands an engine a picklable per-item function and a list of :class:`ShardJob` (one per output
-shard, items in their fixed order). The engine runs the function on every item and yields each job with its
-results in item order as soon as the whole job is done, so the driver can write that shard. Results depend
-only on the function and the item, never on the engine, the worker count or the completion order.
+A converter hands an engine a picklable function mapping a chunk of items to one result per item, and a
+list of :class:`ShardJob` (one per output shard, items in their fixed order). The engine runs the function
+over chunks of every job and yields each job with its results in item order as soon as the whole job is
+done, so the driver can write that shard. The function's result for an item must not depend on which other
+items share its chunk; then results depend only on the item, never on the engine, the worker count, the
+chunking or the completion order.
 
 - :class:`LocalEngine` with ``workers=1`` runs in the calling process; with ``workers>1`` it uses a
   ``spawn`` process pool (safe with open3d and threads) and small chunks inside each job for load balance.
-- :class:`RayEngine` runs the same function through Ray Data (``ray.data.from_items(...).map(...)``) on a
-  local Ray instance, or on the cluster at ``address``. Ray is an optional extra (``pip install pcpt[ray]``)
-  imported only here. Results travel back as ``.npz`` bytes (:func:`pack_result`), never as pickles of
-  arrays inside Arrow columns, so the schema is fixed whatever the item produced.
+- :class:`RayEngine` runs the same function through Ray Data (``ray.data.from_items(...).map_batches(...)``)
+  on a local Ray instance, or on the cluster at ``address``. Ray is an optional extra
+  (``pip install pcpt[ray]``) imported only here. Results travel back as ``.npz`` bytes
+  (:func:`pack_result`), never as pickles of arrays inside Arrow columns, so the schema is fixed whatever
+  the item produced.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ import numpy as np
 
 from datapipes.errors import UserError
 
-ItemFn = Callable[[Any], dict[str, Any]]
-"""A picklable per-item function returning a dict (a sample or a rejection)."""
+ChunkFn = Callable[[Sequence[Any]], list[dict[str, Any]]]
+"""A picklable function mapping a chunk of items to one dict (a sample or a rejection) per item."""
 ProgressFn = Callable[[int], None]
 
 
@@ -55,7 +58,7 @@ class Engine(Protocol):
     """Runs a per-item function over shard jobs; see the module docstring."""
 
     def run(
-        self, fn: ItemFn, jobs: Sequence[ShardJob], progress: ProgressFn | None = None
+        self, fn: ChunkFn, jobs: Sequence[ShardJob], progress: ProgressFn | None = None
     ) -> Iterator[tuple[ShardJob, list[dict[str, Any]]]]:
         """Yields ``(job, results)`` for every job (in any order), results in item order."""
         ...
@@ -65,8 +68,11 @@ class Engine(Protocol):
         ...
 
 
-def _run_chunk(fn: ItemFn, items: Sequence[Any]) -> list[dict[str, Any]]:
-    return [fn(item) for item in items]
+def _run_chunk(fn: ChunkFn, items: Sequence[Any]) -> list[dict[str, Any]]:
+    results = fn(items)
+    if len(results) != len(items):
+        raise ValueError(f"chunk function returned {len(results)} results for {len(items)} items")
+    return results
 
 
 class LocalEngine:
@@ -87,33 +93,39 @@ class LocalEngine:
         self._pool: ProcessPoolExecutor | None = None
 
     def run(
-        self, fn: ItemFn, jobs: Sequence[ShardJob], progress: ProgressFn | None = None
+        self, fn: ChunkFn, jobs: Sequence[ShardJob], progress: ProgressFn | None = None
     ) -> Iterator[tuple[ShardJob, list[dict[str, Any]]]]:
         """Yields each job with its results in item order (see :class:`Engine`)."""
         if self.workers == 1:
             for job in jobs:
                 results: list[dict[str, Any]] = []
-                for item in job.items:
-                    results.append(fn(item))
+                for start in range(0, len(job.items), self.chunk_size):
+                    chunk = job.items[start : start + self.chunk_size]
+                    results.extend(_run_chunk(fn, chunk))
                     if progress is not None:
-                        progress(1)
+                        progress(len(chunk))
                 yield job, results
             return
         yield from self._run_pool(fn, jobs, progress)
 
+    def _chunk(self, count: int) -> int:
+        """Items per task for a job of ``count`` items: at most ``chunk_size``; small jobs use all workers."""
+        return max(1, min(self.chunk_size, -(-count // (2 * self.workers))))
+
     def _run_pool(
-        self, fn: ItemFn, jobs: Sequence[ShardJob], progress: ProgressFn | None
+        self, fn: ChunkFn, jobs: Sequence[ShardJob], progress: ProgressFn | None
     ) -> Iterator[tuple[ShardJob, list[dict[str, Any]]]]:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"))
         pool = self._pool
+        sizes = [self._chunk(len(job.items)) for job in jobs]
         chunks = [
-            (j, start, job.items[start : start + self.chunk_size])
+            (j, start, job.items[start : start + sizes[j]])
             for j, job in enumerate(jobs)
-            for start in range(0, len(job.items), self.chunk_size)
+            for start in range(0, len(job.items), sizes[j])
         ]
         parts: dict[int, dict[int, list[dict[str, Any]]]] = {j: {} for j in range(len(jobs))}
-        remaining = {j: len(range(0, len(job.items), self.chunk_size)) for j, job in enumerate(jobs)}
+        remaining = {j: len(range(0, len(job.items), sizes[j])) for j, job in enumerate(jobs)}
         for j, left in remaining.items():
             if left == 0:  # an empty job still produces its (empty) shard
                 yield jobs[j], []
@@ -208,17 +220,21 @@ def _item_to_cell(item: Any) -> Any:
 
 
 class _RayMapper:
-    """The Ray Data map function: rebuilds the item, runs the item function, packs its result (picklable)."""
+    """The Ray Data batch function: rebuilds the items, runs the chunk function, packs the results."""
 
-    def __init__(self, fn: ItemFn, item_type: type | None) -> None:
+    def __init__(self, fn: ChunkFn, item_type: type | None) -> None:
         self.fn = fn
         self.item_type = item_type
 
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        cell = row["item"]
-        item = self.item_type(**json.loads(cell)) if self.item_type is not None else cell
-        result = self.fn(item)
-        return {"job": int(row["job"]), "pos": int(row["pos"]), "payload": pack_result(result)}
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cells = list(batch["item"])
+        items = [self.item_type(**json.loads(c)) for c in cells] if self.item_type is not None else cells
+        payloads = [pack_result(r) for r in _run_chunk(self.fn, items)]
+        return {
+            "job": np.asarray(batch["job"], dtype=np.int64),
+            "pos": np.asarray(batch["pos"], dtype=np.int64),
+            "payload": np.array(payloads, dtype=object),
+        }
 
 
 def _project_root() -> str:
@@ -239,7 +255,12 @@ class RayEngine:
         UserError: Ray is not installed.
     """
 
-    def __init__(self, address: str | None = None, *, num_cpus: int | None = None) -> None:
+    def __init__(
+        self, address: str | None = None, *, num_cpus: int | None = None, chunk_size: int = 16
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.chunk_size = chunk_size
         try:
             import ray
         except ImportError:
@@ -265,7 +286,7 @@ class RayEngine:
             self._started = True
 
     def run(
-        self, fn: ItemFn, jobs: Sequence[ShardJob], progress: ProgressFn | None = None
+        self, fn: ChunkFn, jobs: Sequence[ShardJob], progress: ProgressFn | None = None
     ) -> Iterator[tuple[ShardJob, list[dict[str, Any]]]]:
         """Yields each job with its results in item order (see :class:`Engine`)."""
         import ray.data
@@ -289,7 +310,8 @@ class RayEngine:
         if not rows:
             return
         parts: dict[int, dict[int, dict[str, Any]]] = {j: {} for j in range(len(jobs))}
-        dataset = ray.data.from_items(rows).map(_RayMapper(fn, item_type))
+        mapper = _RayMapper(fn, item_type)
+        dataset = ray.data.from_items(rows).map_batches(mapper, batch_size=self.chunk_size, batch_format="numpy")
         for row in dataset.iter_rows():
             j, pos = int(row["job"]), int(row["pos"])
             parts[j][pos] = unpack_result(bytes(row["payload"]))

@@ -18,6 +18,9 @@ __all__ = ["fps_order", "fps_order_batch", "normalize_unit_sphere"]
 def normalize_unit_sphere(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """Centres a cloud on its centroid and scales it so the farthest point has norm 1.
 
+    Computes in float64 for float64 input and in float32 otherwise (reductions as matrix products, which
+    is several times faster than numpy's axis reductions on ``(N, 3)`` arrays).
+
     Args:
         xyz: ``(N, 3)`` points.
 
@@ -25,17 +28,19 @@ def normalize_unit_sphere(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray, floa
         ``(points (N, 3) float32, centre (3,) float32, scale)`` with ``points = (xyz - centre) / scale``; a
         cloud of identical points keeps ``scale = 1``.
     """
-    pts = np.asarray(xyz, dtype=np.float64)
+    pts = np.asarray(xyz)
     if pts.ndim != 2 or pts.shape[1] != 3 or pts.shape[0] == 0:
         raise ValueError(f"xyz must have shape (N, 3) with N >= 1, got {np.shape(xyz)}")
-    centre = pts.mean(axis=0)
+    dtype = np.float64 if pts.dtype == np.float64 else np.float32
+    pts = pts.astype(dtype, copy=False)
+    centre = (np.ones(pts.shape[0], dtype) @ pts) / pts.shape[0]
     centred = pts - centre
-    scale = float(np.sqrt((centred * centred).sum(axis=1).max()))
+    scale = float(np.sqrt(((centred * centred) @ np.ones(3, dtype)).max()))
     if not np.isfinite(scale):
         raise ValueError("xyz contains NaN or infinite values")
     if scale <= 1e-12:
         scale = 1.0
-    return (centred / scale).astype(np.float32), centre.astype(np.float32), scale
+    return (centred / scale).astype(np.float32, copy=False), centre.astype(np.float32), scale
 
 
 def fps_order_batch(xyz: np.ndarray, n: int | None = None, start: int = 0) -> np.ndarray:

@@ -3,20 +3,24 @@
 Training (:func:`make_train_loader`)::
 
     ResampledShards (seeded per seed / rank / worker / epoch)
-      -> tar -> samples -> seeded shuffle buffer -> safe decode (npy / txt / json only, pickle refused)
+      -> tar -> samples (fast reader) -> seeded shuffle buffer
+      -> safe decode (npy / txt / json / png only, pickle refused)
       -> transforms (one np.random.Generator per worker and epoch) -> fixed-size batches (partial=False)
+      -> this worker's share of batches_per_epoch
     WebLoader(batch_size=None).with_epoch(batches_per_epoch)   # on the LOADER: exact count per rank
 
 Every rank and worker draws shards with replacement from its own seeded stream, so ranks see different data
-and never run out; the epoch length is set on the loader, so each rank yields exactly ``batches_per_epoch``
-batches whatever the number of workers (on the dataset, webdataset counts per worker). Seeds depend on the
-epoch, which :class:`EpochLoader` sets before every pass (from the trainer when one is attached), so a run
-resumed at an epoch boundary draws the same data as an uninterrupted one. Workers are not persistent: they are
-forked per epoch and receive the epoch with the pipeline.
+and never run out. The epoch length is set on the loader, so each rank yields exactly ``batches_per_epoch``
+batches whatever the number of workers (on the dataset, webdataset counts per worker); each worker also
+stops after its share, so no batch is computed only to be dropped at the end of an epoch. Seeds depend on
+the epoch, which :class:`EpochLoader` sets before every pass (from the trainer when one is attached), so a
+run resumed at an epoch boundary draws the same data as an uninterrupted one. The epoch reaches workers
+through shared memory, so workers can stay alive between epochs.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -27,7 +31,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from datapipes.shards import ShardFormatError, decode_members, decode_png
+from datapipes.shards import ShardFormatError, decode_members, decode_png, field_of_member, iter_shard_members
 from datapipes.transforms import Arrays, Compose, Transform
 from datapipes.types import PointBatch
 
@@ -43,6 +47,8 @@ __all__ = [
 ]
 
 POINT_FEATURES = ("feat", "curv")
+#: A sample as read from a shard: (shard path, key, {member suffix: bytes}).
+RawSample = tuple[str, str, dict[str, bytes]]
 
 
 def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -78,12 +84,31 @@ def _worker() -> tuple[int, int]:
 class StreamState:
     """What a pipeline's random streams depend on: base seed, rank and epoch (set before each pass).
 
-    Picklable; the pipeline's stages share one instance, so setting ``epoch`` in the main process reaches the
-    stages in workers forked afterwards.
+    The epoch lives in a shared-memory tensor, so setting it in the main process reaches the stages running
+    in DataLoader workers, persistent ones included (they restart their stages at every pass).
     """
 
-    def __init__(self, seed: int, rank: int, world_size: int) -> None:
-        self.seed, self.rank, self.world_size, self.epoch = int(seed), int(rank), int(world_size), 0
+    def __init__(self, seed: int, rank: int, world_size: int, batches_per_epoch: int | None = None) -> None:
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.batches_per_epoch = batches_per_epoch
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def worker_batches(self) -> int | None:
+        """This worker's share of ``batches_per_epoch`` (``None``: unlimited)."""
+        if self.batches_per_epoch is None:
+            return None
+        worker, workers = _worker()
+        base, extra = divmod(self.batches_per_epoch, workers)
+        return base + (1 if worker < extra else 0)
+
+    @property
+    def epoch(self) -> int:
+        """The pass whose random streams the stages draw from."""
+        return int(self._epoch[0])
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch[0] = int(value)
 
     def entropy(self, stream: int) -> list[int]:
         """Seed material for one random stream of the current worker: seed, rank, worker, epoch, stream."""
@@ -106,6 +131,12 @@ def _seeded_shuffle(src: Iterable[Any], *, state: StreamState, bufsize: int) -> 
     """Webdataset's buffer shuffle with a generator seeded from the worker's stream state."""
     rng = random.Random(int(state.generator(_SHUFFLE).integers(2**62)))
     yield from wds.filters._shuffle(iter(src), bufsize=bufsize, initial=min(bufsize, 100), rng=rng)
+
+
+def _worker_share(src: Iterable[Any], *, state: StreamState) -> Iterator[Any]:
+    """Ends each worker's pass after its share of the epoch, so no batch is computed only to be dropped."""
+    limit = state.worker_batches()
+    yield from src if limit is None else itertools.islice(src, limit)
 
 
 def decode_image(data: bytes, *, where: str) -> np.ndarray:
@@ -136,7 +167,7 @@ def decode_image(data: bytes, *, where: str) -> np.ndarray:
 
 
 class SampleDecoder:
-    """Turns raw webdataset samples (``{"__key__", "__url__", suffix: bytes}``) into transformed arrays.
+    """Turns raw samples ``(shard path, key, {suffix: bytes})`` into transformed arrays.
 
     Pickle members are refused (an error naming shard and member), only the fields the batch needs are
     decoded, and transforms draw from one generator per worker and epoch.
@@ -169,26 +200,47 @@ class SampleDecoder:
         self.fields = ("xyz", "label", *(("normal",) if normals else ()), *self.point_features)
         self.fields += ("images",) if images else ()
 
-    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[Arrays]:
+    def wants(self, suffix: str) -> bool:
+        """Whether the member ``suffix`` must be read from disk (the others are skipped)."""
+        return field_of_member(suffix) in self.fields
+
+    def __call__(self, src: Iterable[RawSample]) -> Iterator[Arrays]:
         rng = self.state.generator(_AUGMENT)
         for raw in src:
             yield self.decode(raw, rng)
 
-    def decode(self, raw: dict[str, Any], rng: np.random.Generator) -> Arrays:
-        """Decodes and transforms one raw sample."""
-        where = Path(str(raw.get("__url__", "?"))).name
-        members = {k: v for k, v in raw.items() if not k.startswith("__")}
-        sample = decode_members(raw["__key__"], members, where=where, fields=self.fields)
+    def decode(self, raw: RawSample, rng: np.random.Generator) -> Arrays:
+        """Decodes and transforms one raw sample ``(shard path, key, {suffix: bytes})``."""
+        url, key, members = raw
+        where = os.path.basename(url)
+        sample = decode_members(key, members, where=where, fields=self.fields)
         if self.images:
             views = sample.pop("images", None)
             if not views:
-                raise ShardFormatError(f"{where}: sample {raw['__key__']} has no image")
+                raise ShardFormatError(f"{where}: sample {key} has no image")
             pick = int(rng.integers(len(views))) if self.random_view and len(views) > 1 else 0
-            sample["image"] = decode_image(views[pick], where=f"{where}: sample {raw['__key__']}")
+            sample["image"] = decode_image(views[pick], where=f"{where}: sample {key}")
         for name in self.point_features:
             if name not in sample:
-                raise ShardFormatError(f"{where}: sample {raw['__key__']} has no {name}.npy member")
+                raise ShardFormatError(f"{where}: sample {key} has no {name}.npy member")
         return self.transform(sample, rng)
+
+
+class ShardReader:
+    """The ``tar -> samples`` stage: ``{"url": path}`` items in, raw samples ``(path, key, members)`` out.
+
+    Uses the fast streaming reader of :mod:`datapipes.shards`: members the decoder does not need are skipped
+    on disk, pickle members are refused, and each file is closed as soon as its shard ends.
+    """
+
+    def __init__(self, wants: Callable[[str], bool] | None = None) -> None:
+        self.wants = wants
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[RawSample]:
+        for item in src:
+            url = str(item["url"])
+            for key, members in iter_shard_members(url, select=self.wants):
+                yield url, key, members
 
 
 def _stack(samples: Sequence[Arrays], name: str) -> torch.Tensor | None:
@@ -232,17 +284,28 @@ def collate(samples: Sequence[Arrays]) -> PointBatch:
     )
 
 
+class EpochResampledShards(wds.ResampledShards):
+    """webdataset's ``ResampledShards``, seeded only from the :class:`StreamState` (as ``worker_seed``).
+
+    webdataset also mixes in a pass counter kept in each worker's copy; it is reset here, so a persistent
+    worker, a fresh worker and a resumed run all draw the same shards for the same epoch.
+    """
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        self.epoch = -1
+        return super().__iter__()
+
+
 class TrainPipeline(wds.DataPipeline):
     """The training :class:`webdataset.DataPipeline` plus :meth:`set_epoch`."""
 
-    def __init__(self, *stages: Any, state: StreamState, shards: wds.ResampledShards) -> None:
+    def __init__(self, *stages: Any, state: StreamState) -> None:
         super().__init__(*stages)
-        self.state, self.shards = state, shards
+        self.state = state
 
     def set_epoch(self, epoch: int) -> None:
-        """Selects the random streams of ``epoch`` (call before iterating; workers copy it when forked)."""
+        """Selects the random streams of ``epoch`` (call before iterating)."""
         self.state.epoch = int(epoch)
-        self.shards.epoch = -1  # webdataset's own pass counter: keep it out of the seed
 
 
 def make_train_pipeline(
@@ -257,6 +320,7 @@ def make_train_pipeline(
     normals: bool = False,
     point_features: Sequence[str] = (),
     images: bool = False,
+    batches_per_epoch: int | None = None,
 ) -> TrainPipeline:
     """The infinite, resampled, batched training stream of one rank (see the module docstring).
 
@@ -271,14 +335,16 @@ def make_train_pipeline(
         normals: include ``normals`` in batches.
         point_features: ``"feat"`` / ``"curv"`` fields concatenated into ``feats``.
         images: include one image view per sample.
+        batches_per_epoch: if set, each pass of the pipeline stops after this many batches in total, split
+            evenly over the DataLoader workers (otherwise it is infinite).
     """
     if not urls:
         raise ValueError("urls must name at least one shard")
     if batch_size < 1 or shuffle_buffer < 1:
         raise ValueError(f"batch_size and shuffle_buffer must be >= 1, got {batch_size}, {shuffle_buffer}")
     rank, world_size = resolve_rank(rank, world_size)
-    state = StreamState(seed, rank, world_size)
-    shards = wds.ResampledShards(
+    state = StreamState(seed, rank, world_size, batches_per_epoch)
+    shards = EpochResampledShards(
         [str(u) for u in urls], seed=seed, worker_seed=state.shard_seed, deterministic=True
     )
     decoder = SampleDecoder(
@@ -286,12 +352,12 @@ def make_train_pipeline(
     )
     return TrainPipeline(
         shards,
-        wds.tarfile_to_samples(),
+        ShardReader(decoder.wants),
         wds.filters.pipelinefilter(_seeded_shuffle)(state=state, bufsize=shuffle_buffer),
         decoder,
         wds.batched(batch_size, collation_fn=collate, partial=False),
+        wds.filters.pipelinefilter(_worker_share)(state=state),
         state=state,
-        shards=shards,
     )
 
 
@@ -363,6 +429,7 @@ def make_train_loader(
     images: bool = False,
     epoch_source: Callable[[], int | None] | None = None,
     pin_memory: bool = False,
+    persistent_workers: bool = True,
 ) -> EpochLoader:
     """A training loader yielding exactly ``batches_per_epoch`` :class:`PointBatch` es per pass on this rank.
 
@@ -381,6 +448,8 @@ def make_train_loader(
         images: include one image per sample.
         epoch_source: see :class:`EpochLoader`.
         pin_memory: pin batches (GPU training).
+        persistent_workers: keep worker processes between epochs (their stages restart at every pass with
+            the new epoch's seeds, so results do not depend on it).
     """
     if batches_per_epoch < 1 or num_workers < 0:
         raise ValueError(
@@ -397,12 +466,13 @@ def make_train_loader(
         normals=normals,
         point_features=point_features,
         images=images,
+        batches_per_epoch=batches_per_epoch,
     )
     loader = wds.WebLoader(
         pipeline,
         batch_size=None,
         num_workers=num_workers,
-        persistent_workers=False,
+        persistent_workers=persistent_workers and num_workers > 0,
         pin_memory=pin_memory,
     ).with_epoch(batches_per_epoch)
     return EpochLoader(
@@ -448,7 +518,7 @@ def make_eval_loader(
         wds.SimpleShardList([str(u) for u in urls]),
         wds.filters.pipelinefilter(_split_by_rank)(rank=rank, world_size=world_size),
         wds.split_by_worker,
-        wds.tarfile_to_samples(),
+        ShardReader(decoder.wants),
         decoder,
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )

@@ -57,7 +57,7 @@ def _select(sample: Arrays, index: np.ndarray) -> Arrays:
     out = dict(sample)
     for name in POINT_FIELDS:
         if name in out:
-            out[name] = out[name][index]
+            out[name] = np.take(out[name], index, axis=0)  # several times faster than fancy indexing
     return out
 
 
@@ -146,10 +146,13 @@ class ScaleAndTranslate:
             raise ValueError(f"translate must be >= 0, got {self.translate}")
 
     def __call__(self, sample: Arrays, rng: np.random.Generator) -> Arrays:
-        scale = rng.uniform(self.scale_low, self.scale_high, size=3).astype(np.float32)
-        shift = rng.uniform(-self.translate, self.translate, size=3).astype(np.float32)
+        draws = rng.random(6)
+        scale = (self.scale_low + (self.scale_high - self.scale_low) * draws[:3]).astype(np.float32)
+        shift = (self.translate * (2.0 * draws[3:] - 1.0)).astype(np.float32)
         out = dict(sample)
-        out["xyz"] = (sample["xyz"] * scale + shift).astype(np.float32)
+        out["xyz"] = (sample["xyz"] @ np.diag(scale) + shift).astype(
+            np.float32, copy=False
+        )  # matmul: fast on (N, 3)
         if "normal" in sample:
             out["normal"] = _unit(sample["normal"] / scale)
         return out

@@ -1,8 +1,8 @@
 """Batched train-time sampling and augmentation for finetuning (torch, on the batch's device).
 
-Point-MAE / Point-BERT finetuning (METHODS §1.6): from a cloud stored in farthest-point order take the first
-``pool`` points (= FPS to ``pool``), choose ``num_points`` of them at random without replacement (the same indices
-for the whole batch), then scale each sample anisotropically by s ~ U(2/3, 3/2)^3 and translate by
+Point-MAE / Point-BERT finetuning: from a cloud stored in farthest-point order take the first ``pool``
+points (= FPS to ``pool``), choose ``num_points`` of them at random without replacement (the same indices for
+the whole batch), then scale each sample anisotropically by s ~ U(2/3, 3/2)^3 and translate by
 t ~ U(-0.2, 0.2)^3. All draws come from an explicit generator.
 """
 

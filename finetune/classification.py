@@ -1,11 +1,11 @@
 """Shape classification on top of a pre-trained encoder artifact (full finetuning or a frozen linear probe).
 
-The Point-MAE / Point-BERT classification recipe (METHODS §1.5-1.6): the feature is concat[CLS output, max-pool
-of patch outputs]; the head is Point-MAE's (Linear-BN-ReLU-Dropout ×2 + Linear) or Point-BERT's (Linear-ReLU-
-Dropout + Linear). Training draws ``num_points`` of the first ``pool_points`` stored points (= FPS to the pool)
-at random and applies scale-and-translate. Evaluation uses the first ``num_points`` points (FPS) with no
-augmentation; voting (a fixed number of augmented views, logits averaged) is reported separately, never as a
-best-of-N maximum.
+The Point-MAE / Point-BERT classification recipe: the feature is concat[CLS output, max-pool of patch
+outputs]; the head is Point-MAE's (Linear-BN-ReLU-Dropout ×2 + Linear) or Point-BERT's (Linear-ReLU-Dropout +
+Linear). Training draws ``num_points`` of the first ``pool_points`` stored points (= FPS to the pool) at
+random and applies scale-and-translate. Evaluation uses the first ``num_points`` points (FPS) with no
+augmentation; voting (a fixed number of augmented views, logits averaged) is reported separately, never as
+a best-of-N maximum.
 """
 
 from __future__ import annotations

@@ -58,11 +58,63 @@ def _resolve_device(name: str) -> str:
     return name
 
 
+def _normalize_flag(args: argparse.Namespace, contract: dict[str, object]) -> bool:
+    return bool(
+        args.normalize == "unit_sphere"
+        or (args.normalize == "contract" and contract.get("normalization") == "unit_sphere")
+    )
+
+
+def _cmd_tokenize(args: argparse.Namespace, device: str) -> int:
+    """``embed`` with a dVAE tokenizer artifact: token ids (B, G) and centres (B, G, 3)."""
+    from finetune.embed import load_clouds, tokenize_clouds, write_features
+    from pretrain.checkpoint import WeightsMismatchError
+    from pretrain.tokenizers import load_tokenizer
+
+    try:
+        tokenizer, meta = load_tokenizer(args.artifact)
+    except WeightsMismatchError as err:
+        raise UserError(str(err)) from err
+    spec = tokenizer.spec
+    clouds = load_clouds(args.input, min_points=max(spec.num_groups, spec.group_size))
+    normalize = _normalize_flag(args, meta.get("data_contract", {}))
+    features = tokenize_clouds(
+        tokenizer,
+        clouds,
+        batch_size=args.batch_size,
+        device=device,
+        normalize=normalize,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    out = write_features(args.out, features)
+    if args.json:
+        summary = {
+            "artifact": str(args.artifact),
+            "kind": meta["kind"],
+            "input": str(args.input),
+            "out": str(out),
+            "num_clouds": int(clouds.shape[0]),
+            "num_points": int(clouds.shape[1]),
+            "normalized": normalize,
+            "codebook_size": spec.codebook_size,
+            "shapes": {name: list(array.shape) for name, array in features.items()},
+        }
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in features.items())
+        print(f"wrote {out}: {shapes}")
+    return 0
+
+
 def _cmd_embed(args: argparse.Namespace) -> int:
     from finetune.embed import embed_clouds, load_clouds, write_features
-    from pretrain.checkpoint import WeightsMismatchError, load_encoder
+    from pretrain.checkpoint import WeightsMismatchError, load_encoder, read_artifact_meta
+    from pretrain.tokenizers import TOKENIZER_KIND
 
     device = _resolve_device(args.device)
+    if read_artifact_meta(args.artifact).get("kind") == TOKENIZER_KIND:
+        return _cmd_tokenize(args, device)
     try:
         encoder, meta = load_encoder(args.artifact)
     except WeightsMismatchError as err:
@@ -110,6 +162,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 #: argparse subcommand name -> handler.
 COMMANDS: dict[str, Handler] = {"embed": _cmd_embed}
+
+
 #: subcommands that receive the remaining argv untouched (e.g. ``fit`` -> LightningCLI).
 def _fit(argv: list[str]) -> int:
     from finetune.lightning_cli import run_lightning_cli  # heavy: Lightning
@@ -143,9 +197,12 @@ def build_parser() -> CliParser:
         "write an .npz with: tokens (B, G, D) patch tokens after the final norm; centers (B, G, 3) patch "
         "centres; pooled (B, 2D) global feature = concat[CLS, max over tokens] when the encoder has a CLS "
         "token, else concat[max, mean]. D is the encoder width, G its number of patches. A single cloud "
-        "(N, 3) gives B = 1.",
+        "(N, 3) gives B = 1. With a Point-BERT dVAE tokenizer artifact (kind dvae_tokenizer) the .npz holds "
+        "token_ids (B, G) int64 codebook indices and centers (B, G, 3) instead.",
     )
-    p.add_argument("artifact", metavar="ART", type=Path, help="encoder artifact directory")
+    p.add_argument(
+        "artifact", metavar="ART", type=Path, help="encoder (or dVAE tokenizer) artifact directory"
+    )
     p.add_argument(
         "--input", required=True, type=Path, metavar="CLOUDS.npy", help="float32 points (B, N, 3) or (N, 3)"
     )

@@ -1,9 +1,9 @@
 """In-memory labelled data for finetuning, with a validation split held out from train (never test).
 
-Clouds come from FPS-ordered shards: the first ``pool_points`` stored points of each cloud are loaded once, so
-training can draw ``num_points`` of them at random (Point-MAE's "FPS to 1200, random 1024") and evaluation can
-take the first ``num_points`` (= FPS to ``num_points``). Map-style datasets, so Lightning's distributed sampler
-splits them evenly across ranks.
+Clouds come from FPS-ordered shards: the first ``pool_points`` stored points of each cloud are loaded once,
+so training can draw ``num_points`` of them at random (Point-MAE's "FPS to 1200, random 1024") and evaluation
+can take the first ``num_points`` (= FPS to ``num_points``). Map-style datasets, so Lightning's distributed
+sampler splits them evenly across ranks.
 """
 
 from __future__ import annotations
@@ -20,28 +20,9 @@ from datapipes.errors import UserError
 from datapipes.memory import load_split_arrays
 from datapipes.shards import read_manifest
 from datapipes.types import PointBatch
+from finetune.probes import stratified_split
 
-__all__ = ["ClassificationDataModule", "stratified_holdout"]
-
-
-def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Splits indices into (train, val) with ``round(fraction * n_c)`` (at least 1) val samples per class.
-
-    Classes with a single sample stay entirely in train. Deterministic for a given seed.
-    """
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"val fraction must be in (0, 1), got {fraction}")
-    rng = np.random.default_rng(seed)
-    val: list[np.ndarray] = []
-    for cls in np.unique(labels):
-        members = np.flatnonzero(labels == cls)
-        if members.size < 2:
-            continue
-        count = min(max(int(round(fraction * members.size)), 1), members.size - 1)
-        val.append(rng.permutation(members)[:count])
-    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
-    train_idx = np.setdiff1d(np.arange(labels.size), val_idx)
-    return train_idx, val_idx
+__all__ = ["ClassificationDataModule"]
 
 
 class _ArrayDataset(Dataset[tuple[np.ndarray, int, str]]):
@@ -128,7 +109,7 @@ class ClassificationDataModule(pl.LightningDataModule):
             return
         xyz, labels, keys = self._load(self.train_split, self.pool_points)
         if self.val_split is None:
-            train_idx, val_idx = stratified_holdout(labels, self.val_fraction, self.split_seed)
+            train_idx, val_idx = stratified_split(labels, self.val_fraction, self.split_seed)
             val_keys = [keys[i] for i in val_idx]
             self.selection = {
                 "split": f"{self.train_split} hold-out",

@@ -2,7 +2,8 @@
 
 For each cloud the encoder runs in eval mode without masking and returns the patch tokens after the final
 norm, the patch centres and the pooled global feature (``PointEncoder.pool``: concat[CLS, max] when the
-encoder has a CLS token, else concat[max, mean]; width 2D).
+encoder has a CLS token, else concat[max, mean]; width 2D). A Point-BERT dVAE tokenizer artifact gives the
+discrete token id of every patch instead (:func:`tokenize_clouds`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from tqdm import tqdm
 
 from datapipes.errors import UserError
 from pretrain.encoders import PointEncoder
+from pretrain.tokenizers import DiscreteVAE
 
-__all__ = ["embed_clouds", "load_clouds", "normalize_unit_sphere", "write_features"]
+__all__ = ["embed_clouds", "load_clouds", "normalize_unit_sphere", "tokenize_clouds", "write_features"]
 
 
 def load_clouds(path: str | Path, *, min_points: int = 1) -> np.ndarray:
@@ -137,6 +139,54 @@ def embed_clouds(
         outputs["tokens"].append(out.tokens.float().cpu().numpy())
         outputs["centers"].append(out.centers.float().cpu().numpy())
         outputs["pooled"].append(encoder.pool(out).float().cpu().numpy())
+    return {name: np.concatenate(parts, axis=0) for name, parts in outputs.items()}
+
+
+@torch.no_grad()
+def tokenize_clouds(
+    tokenizer: DiscreteVAE,
+    clouds: np.ndarray,
+    *,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    normalize: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Discrete token ids of every patch with a dVAE tokenizer (eval mode, argmax of its logits, no noise).
+
+    Args:
+        tokenizer: the tokenizer (moved to ``device`` and switched to eval mode).
+        clouds: float array (B, N, 3).
+        batch_size: clouds per forward pass.
+        device: where to run.
+        normalize: unit-sphere normalise each cloud first.
+        seed: seeds FPS when the spec's ``fps_start`` is ``"random"``.
+        progress: show a progress bar when there is more than one batch.
+
+    Returns:
+        ``token_ids`` int64 (B, G) in ``[0, codebook_size)`` and ``centers`` float32 (B, G, 3).
+
+    Raises:
+        UserError: non-finite coordinates (the message names the first bad cloud).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    tokenizer = tokenizer.to(device).eval()
+    generator = torch.Generator().manual_seed(seed)
+    starts = range(0, clouds.shape[0], batch_size)
+    outputs: dict[str, list[np.ndarray]] = {"token_ids": [], "centers": []}
+    for start in tqdm(starts, desc="tokenize", unit="batch", disable=not progress or len(starts) <= 1):
+        chunk = np.array(clouds[start : start + batch_size], dtype=np.float32)
+        if not np.isfinite(chunk).all():
+            bad = start + int(np.flatnonzero(~np.isfinite(chunk).all(axis=(1, 2)))[0])
+            raise UserError(f"cloud {bad} has non-finite coordinates")
+        xyz = torch.from_numpy(chunk).to(device)
+        if normalize:
+            xyz = normalize_unit_sphere(xyz)
+        groups, ids = tokenizer.tokenize(xyz, generator=generator)
+        outputs["token_ids"].append(ids.cpu().numpy().astype(np.int64))
+        outputs["centers"].append(groups.centers.float().cpu().numpy())
     return {name: np.concatenate(parts, axis=0) for name, parts in outputs.items()}
 
 

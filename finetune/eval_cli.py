@@ -92,10 +92,16 @@ def _resolve_device(name: str) -> str:
 
 
 def _data_normalization(manifest: Mapping[str, Any]) -> str | None:
-    value = manifest.get("normalization")
+    """The data's normalization recorded in the manifest, or None.
+
+    Read from ``normalization`` (top level or in ``source``), else the converters' ``source.normalize`` flag
+    (True: ``"unit_sphere"``).
+    """
     source = manifest.get("source")
-    if value is None and isinstance(source, Mapping):
-        value = source.get("normalization")
+    source = source if isinstance(source, Mapping) else {}
+    value = manifest.get("normalization", source.get("normalization"))
+    if value is None and isinstance(source.get("normalize"), bool):
+        value = "unit_sphere" if source["normalize"] else "none"
     return None if value is None else str(value)
 
 

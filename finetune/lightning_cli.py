@@ -41,9 +41,10 @@ class FinetuneCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("skip_test"):
             return
-        checkpoint = self.trainer.checkpoint_callback
-        monitored = isinstance(checkpoint, ModelCheckpoint) and checkpoint.monitor == "val/acc"
-        ckpt_path = "best" if monitored and checkpoint.best_model_path else None
+        callback = self.trainer.checkpoint_callback
+        checkpoint = callback if isinstance(callback, ModelCheckpoint) else None
+        monitored = checkpoint is not None and checkpoint.monitor == "val/acc"
+        ckpt_path = "best" if checkpoint is not None and monitored and checkpoint.best_model_path else None
         metrics = self.trainer.test(
             self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False
         )
@@ -57,8 +58,9 @@ class FinetuneCLI(LightningCLI):
             "model_selection": {
                 **data.selection,
                 "checkpoint": (
-                    f"best val/acc ({checkpoint.best_model_score:.4f}) at {Path(checkpoint.best_model_path).name}"
-                    if ckpt_path == "best" and isinstance(checkpoint, ModelCheckpoint)
+                    f"best val/acc ({float(checkpoint.best_model_score or 0):.4f}) at "
+                    f"{Path(checkpoint.best_model_path).name}"
+                    if ckpt_path == "best" and checkpoint is not None
                     else "last epoch"
                 ),
             },

@@ -324,7 +324,8 @@ class EncoderExport(pl.Callback):
 
     The artifact goes to ``<dirpath>/<subdir>``; ``dirpath`` defaults to ``trainer.log_dir`` (the logger's
     version directory, or ``default_root_dir`` without a logger). Global rank 0 writes (atomically, via
-    :func:`pretrain.checkpoint.save_encoder`), then all ranks meet at a barrier.
+    :func:`pretrain.checkpoint.save_encoder`) and broadcasts success or its error, so every rank returns (or
+    raises) together.
 
     Args:
         dirpath: parent directory of the artifact; None for ``trainer.log_dir``.
@@ -334,7 +335,7 @@ class EncoderExport(pl.Callback):
 
     def __init__(
         self, dirpath: str | Path | None = None, *, subdir: str = "encoder", on_train_end: bool = True
-    ):
+    ) -> None:
         super().__init__()
         if not subdir:
             raise ValueError("subdir must be a non-empty directory name")

@@ -51,6 +51,13 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(summary, indent=2, sort_keys=True))
         return
     spec = summary.get("spec", {})
+    if summary.get("kind") == "dvae_tokenizer":
+        print(
+            f"wrote {summary['artifact']}: dVAE tokenizer, {spec.get('codebook_size')} codes of width "
+            f"{spec.get('token_dim')}, {spec.get('num_groups')} groups of {spec.get('group_size')}, "
+            f"{summary['num_params']:,} parameters"
+        )
+        return
     arch = (
         f"{spec.get('arch')} {spec.get('embed_dim')}x{spec.get('depth')} ({spec.get('num_heads')} heads), "
         f"{spec.get('num_groups')} groups of {spec.get('group_size')}, cls_token={spec.get('cls_token')}"
@@ -60,14 +67,18 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from pretrain.checkpoint import WeightsMismatchError, export_from_lightning_ckpt, read_artifact_meta
+    from pretrain.tokenizers import TOKENIZER_KIND, export_tokenizer_from_lightning_ckpt, lightning_ckpt_kind
 
+    tokenizer = lightning_ckpt_kind(args.ckpt) == TOKENIZER_KIND
+    exporter = export_tokenizer_from_lightning_ckpt if tokenizer else export_from_lightning_ckpt
     try:
-        out = export_from_lightning_ckpt(args.ckpt, args.out)
+        out = exporter(args.ckpt, args.out)
     except WeightsMismatchError as err:
         raise UserError(str(err)) from err
     meta = read_artifact_meta(out)
     summary = {
         "artifact": str(out),
+        "kind": meta["kind"],
         "spec": meta["spec"],
         "num_params": meta["num_params"],
         "provenance": meta["provenance"],
@@ -100,6 +111,8 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 #: argparse subcommand name -> handler.
 COMMANDS: dict[str, Handler] = {"export": _cmd_export, "import": _cmd_import}
+
+
 #: subcommands that receive the remaining argv untouched (e.g. ``fit`` -> LightningCLI).
 def _lightning(subcommand: str) -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
@@ -135,9 +148,10 @@ def build_parser() -> CliParser:
 
     p = sub.add_parser(
         "export",
-        help="Lightning checkpoint -> encoder artifact",
+        help="Lightning checkpoint -> encoder (or dVAE tokenizer) artifact",
         description="Export the encoder of a pcpt Lightning checkpoint (.ckpt, read with weights_only=True) "
-        "as an artifact directory; provenance records the method, step, epoch and git commit.",
+        "as an artifact directory (the dVAE tokenizer for a PointDVAE checkpoint); provenance records the "
+        "method, step, epoch and git commit.",
     )
     p.add_argument(
         "ckpt", metavar="CKPT", type=Path, help="Lightning checkpoint written by pcpt-pretrain fit"
@@ -153,7 +167,9 @@ def build_parser() -> CliParser:
         help="official checkpoint -> encoder artifact",
         description="Convert an official checkpoint (a pickle, read with torch.load(weights_only=True) "
         "only) into an artifact. point-mae: pre-training (Point_MAE) or finetuned classifier; point-bert: "
-        "masked point modelling (Point_BERT, transformer_q) or finetuned classifier. The encoder width, "
+        "masked point modelling (Point_BERT, transformer_q) or finetuned classifier; point-bert-dvae: the "
+        "dVAE (DiscreteVAE, or dvae.* of a Point_BERT checkpoint) -> dvae_tokenizer artifact. The encoder "
+        "width, "
         "depth, tokenizer width and CLS/mask tokens are read from the weights; heads and grouping are not "
         "stored there and come from the options (defaults = the official 1024-point setup).",
     )

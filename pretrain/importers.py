@@ -16,6 +16,10 @@ Layouts (key names dumped from the official code):
 - ``point-bert`` masked point modelling (``Point_BERT``): ``transformer_q.*`` without ``cls_head`` and
   ``lm_head``; dropped ``transformer_k.*``, ``dvae.*``, ``queue``, ``queue_ptr``,
   ``transformer_q.{cls_head,lm_head}.*``.
+- ``point-bert-dvae`` (a ``dvae_tokenizer`` artifact, :mod:`pretrain.tokenizers`): the dVAE
+  (``DiscreteVAE``: ``codebook``, ``encoder.*``, ``dgcnn_1.*``, ``dgcnn_2.*``, ``decoder.*``, names kept), or
+  the ``dvae.*`` part of a masked point modelling checkpoint (dropped ``transformer_q.*``,
+  ``transformer_k.*``, ``queue``, ``queue_ptr``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from torch import Tensor
 from datapipes.errors import UserError
 from pretrain.checkpoint import git_sha, load_state_strict, read_artifact_meta, save_encoder
 from pretrain.encoders import DataContract, EncoderSpec, build_encoder
+from pretrain.tokenizers import TOKENIZER_KIND, DiscreteVAE, infer_dvae_spec, save_tokenizer
 
 __all__ = [
     "REMAPS",
@@ -41,6 +46,7 @@ __all__ = [
     "import_official",
     "infer_spec",
     "remap_point_bert",
+    "remap_point_bert_dvae",
     "remap_point_mae",
 ]
 
@@ -57,6 +63,7 @@ class Remapped:
         layout: name of the detected official layout.
         expected_dropped: patterns the dropped keys must match (a trailing ``.`` is a prefix, else exact).
         spec_hints: spec fields the layout fixes (e.g. ``cls_token``).
+        kind: artifact kind the weights become (``point_encoder`` or ``dvae_tokenizer``).
     """
 
     state: StateDict
@@ -64,6 +71,7 @@ class Remapped:
     layout: str
     expected_dropped: tuple[str, ...]
     spec_hints: dict[str, Any] = field(default_factory=dict)
+    kind: str = "point_encoder"
 
     def unexpected_dropped(self) -> list[str]:
         """Dropped keys that match none of the layout's expected patterns (should be empty)."""
@@ -176,10 +184,37 @@ def remap_point_bert(state: Mapping[str, Tensor]) -> Remapped:
     )
 
 
+def remap_point_bert_dvae(state: Mapping[str, Tensor]) -> Remapped:
+    """Official Point-BERT dVAE weights (the dVAE checkpoint, or ``dvae.*`` of an MPM one) -> pcpt names.
+
+    pcpt's :class:`~pretrain.tokenizers.DiscreteVAE` uses the official names, so keys are kept as they are
+    (minus the ``dvae.`` prefix of a masked point modelling checkpoint).
+
+    Args:
+        state: the official state dict with any ``module.`` prefix already removed.
+
+    Raises:
+        ValueError: neither ``codebook`` nor ``dvae.codebook`` is present.
+    """
+    if "codebook" in state:
+        return Remapped(dict(state), [], "point-bert dvae", (), kind=TOKENIZER_KIND)
+    if "dvae.codebook" in state:
+        out, dropped = _rename(state, (("dvae.", ""),))
+        expected = ("transformer_q.", "transformer_k.", "queue", "queue_ptr")
+        return Remapped(
+            out, dropped, "point-bert masked point modelling (dvae)", expected, kind=TOKENIZER_KIND
+        )
+    raise ValueError(
+        "not a Point-BERT dVAE checkpoint: expected 'codebook' (dVAE) or 'dvae.codebook' (masked point "
+        f"modelling) keys; first keys: {sorted(state)[:8]}"
+    )
+
+
 #: official format name (``pcpt-pretrain import FORMAT``) -> pure key remap.
 REMAPS: dict[str, Callable[[Mapping[str, Tensor]], Remapped]] = {
     "point-mae": remap_point_mae,
     "point-bert": remap_point_bert,
+    "point-bert-dvae": remap_point_bert_dvae,
 }
 
 
@@ -276,10 +311,10 @@ def import_official(
     num_points: int = 1024,
     drop_path: float = 0.1,
 ) -> dict[str, Any]:
-    """Converts an official checkpoint into an encoder artifact.
+    """Converts an official checkpoint into an encoder artifact (a tokenizer for ``point-bert-dvae``).
 
     Args:
-        fmt: a key of :data:`REMAPS` (``point-mae``, ``point-bert``).
+        fmt: a key of :data:`REMAPS` (``point-mae``, ``point-bert``, ``point-bert-dvae``).
         src: the official ``.pth`` file.
         out_dir: artifact directory to write.
         num_heads: attention heads (not stored in the weights; 6 officially).
@@ -316,6 +351,8 @@ def import_official(
             f"{path}: {len(unknown)} keys are neither encoder weights nor expected extras of a "
             f"{remapped.layout} checkpoint: {unknown}"
         )
+    if remapped.kind == TOKENIZER_KIND:
+        return _import_tokenizer(fmt, path, obj, remapped, out_dir, num_groups, group_size, num_points)
     try:
         spec = infer_spec(
             remapped.state,
@@ -346,6 +383,51 @@ def import_official(
     return {
         "artifact": str(out),
         "format": fmt,
+        "layout": remapped.layout,
+        "spec": spec.to_dict(),
+        "num_params": meta["num_params"],
+        "num_tensors": len(remapped.state),
+        "dropped": len(remapped.dropped),
+        "source": str(path),
+        "source_sha256": sha,
+    }
+
+
+def _import_tokenizer(
+    fmt: str,
+    path: Path,
+    obj: object,
+    remapped: Remapped,
+    out_dir: str | Path,
+    num_groups: int,
+    group_size: int,
+    num_points: int,
+) -> dict[str, Any]:
+    """Writes a ``dvae_tokenizer`` artifact from remapped official dVAE weights (:func:`import_official`)."""
+    try:
+        spec = infer_dvae_spec(remapped.state, num_groups=num_groups, group_size=group_size)
+    except ValueError as err:
+        raise UserError(f"{path}: {err}") from err
+    dvae = DiscreteVAE(spec)
+    load_state_strict(dvae, remapped.state, source=path)
+    sha = _sha256(path)
+    epoch = obj.get("epoch") if isinstance(obj, Mapping) else None
+    provenance = {
+        "method": f"{fmt} (official)",
+        "step": None,
+        "epoch": epoch if isinstance(epoch, int) else None,
+        "git_sha": git_sha(),
+        "source": str(path),
+        "source_sha256": sha,
+        "source_layout": remapped.layout,
+    }
+    data = DataContract(num_points=num_points, normalization="unit_sphere", fps_order=False)
+    out = save_tokenizer(out_dir, dvae, data=data, provenance=provenance)
+    meta = read_artifact_meta(out)
+    return {
+        "artifact": str(out),
+        "format": fmt,
+        "kind": TOKENIZER_KIND,
         "layout": remapped.layout,
         "spec": spec.to_dict(),
         "num_params": meta["num_params"],

@@ -1,8 +1,8 @@
 """Training helpers shared by pre-training methods and finetuning modules.
 
 ``configure_adamw_cosine`` is the official Point-BERT/Point-MAE optimiser recipe as a Lightning
-``configure_optimizers`` return value; ``derive_seed`` turns a tuple of integers (seed, rank, step, ...) into a
-64-bit seed so per-step random draws come from explicit generators, not global random state.
+``configure_optimizers`` return value; ``derive_seed`` turns a tuple of integers (seed, rank, step, ...) into
+a 64-bit seed so per-step random draws come from explicit generators, not global random state.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def configure_adamw_cosine(
     trainer = module.trainer
     total_steps = max(int(trainer.estimated_stepping_batches), 1)
     steps_per_epoch = max(total_steps // max(trainer.max_epochs or 1, 1), 1)
-    warmup_steps = max(min(int(round(warmup_epochs * steps_per_epoch)), total_steps - 1), 0)
+    warmup_steps = max(min(round(warmup_epochs * steps_per_epoch), total_steps - 1), 0)
     scheduler = warmup_cosine_scheduler(
         optimizer,
         total_steps=total_steps,

@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run(cmd: list[str], *, capture: bool = False) -> str:
     print("\n$ " + " ".join(cmd), flush=True)
-    result = subprocess.run(cmd, cwd=ROOT, check=False, text=True, stdout=subprocess.PIPE if capture else None)
+    result = subprocess.run(
+        cmd, cwd=ROOT, check=False, text=True, stdout=subprocess.PIPE if capture else None
+    )
     if result.returncode != 0:
         sys.exit(f"quickstart: step failed with exit status {result.returncode}: {' '.join(cmd)}")
     return result.stdout or ""
@@ -81,11 +83,26 @@ def main() -> None:
     rows = []
     for name, art in (("pretrained (Point-MAE)", pretrained), ("random init", random_init)):
         probe = last_json(
-            run(["pcpt-finetune", "probe", str(art), "--data", str(data), "--method", "svm", "--json"], capture=True)
+            run(
+                ["pcpt-finetune", "probe", str(art), "--data", str(data), "--method", "svm", "--json"],
+                capture=True,
+            )
         )
-        fewshot_cmd = ["pcpt-finetune", "fewshot", str(art), "--data", str(data), "--way", "5", "--shot", "10"]
+        fewshot_cmd = [
+            "pcpt-finetune",
+            "fewshot",
+            str(art),
+            "--data",
+            str(data),
+            "--way",
+            "5",
+            "--shot",
+            "10",
+        ]
         fewshot_cmd += ["--folds", "10", "--json"]
-        fewshot_cmd += ["--episodes", str(episodes)] if episodes.exists() else ["--write-episodes", str(episodes)]
+        fewshot_cmd += (
+            ["--episodes", str(episodes)] if episodes.exists() else ["--write-episodes", str(episodes)]
+        )
         fewshot = last_json(run(fewshot_cmd, capture=True))
         rows.append((name, probe, fewshot))
 

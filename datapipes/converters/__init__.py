@@ -22,22 +22,20 @@ from datapipes.converters.base import (
 from datapipes.errors import UserError
 
 CONVERTERS: dict[str, type[Converter]] = {
-    cls.name: cls for module in (npy, meshes, text, h5, lidar, hf) for cls in module.FORMATS
+    cls.name: cls
+    for cls in (
+        npy.NpyTree,
+        meshes.ModelNetOff,
+        text.ModelNetResampled,
+        h5.ModelNetH5,
+        npy.ShapeNet55,
+        h5.ScanObjectNN,
+        meshes.MeshFolder,
+        lidar.Kitti,
+        hf.HuggingFace,
+    )
 }
 """Format name -> converter class, in the order of the design table."""
-
-_ORDER = (
-    "npy-tree",
-    "modelnet-off",
-    "modelnet-resampled",
-    "modelnet-h5",
-    "shapenet55",
-    "scanobjectnn",
-    "mesh-folder",
-    "kitti",
-    "hf",
-)
-CONVERTERS = {name: CONVERTERS[name] for name in _ORDER}
 
 
 def get_converter(name: str) -> Converter:

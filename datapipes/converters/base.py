@@ -2,9 +2,11 @@
 
 A converter (one per format, see :mod:`datapipes.converters`) does two things:
 
-- ``plan(src, options)`` lists the **work items** of each split in a fixed sorted order, plus the class
-  names. Shard ``i`` of a split holds exactly items ``[i*S, (i+1)*S)`` (``S = shard_size``) minus the
-  rejected ones, so a re-run recomputes only the shards that are not complete and verified.
+- ``plan(src, options)`` lists the **work items** of each split in sorted source order, plus the class
+  names. The driver then applies a seeded permutation per split (so shards mix classes; ``--no-shuffle``
+  keeps the sorted order). Shard ``i`` of a split holds exactly items ``[i*S, (i+1)*S)`` of that order
+  (``S = shard_size``) minus the rejected ones, so a re-run recomputes only the shards that are not
+  complete and verified: nothing is lost or duplicated.
 - ``read(item, options)`` loads one item's raw cloud (points, a mesh to sample, normals, features) or
   raises :class:`Reject` with a precise reason.
 
@@ -15,9 +17,13 @@ on the worker or the engine, so shards are byte-identical whatever ran them.
 
 Point-count policy (``--points N``): a mesh is sampled with exactly ``N`` points; a point set with more
 than ``N`` points is reduced to ``N`` by FPS (or by a seeded random subset with ``--no-fps``); a point set
-with fewer points is kept as it is (no duplicated points) and ``meta.num_points`` records the original
-count. Without ``--points`` point sets keep all their points. Clouds with fewer than ``--min-points`` points
-are rejected.
+with fewer points is kept as it is (no duplicated points, which would distort FPS and density) and
+``meta.num_points`` records the source count (the manifest records the min/max stored count). Without
+``--points`` point sets keep all their points. Clouds with fewer than ``--min-points`` points are rejected.
+
+Fields: every sample of a dataset has the same fields. Normals are stored when the source has them (meshes,
+xyz+normal arrays; decided once per dataset, see :attr:`Plan.source_normals`; items lacking them get
+estimated ones) or with ``--normals``, which also adds curvature.
 """
 
 from __future__ import annotations
@@ -267,31 +273,57 @@ def _normalize(xyz: np.ndarray) -> tuple[np.ndarray, list[float], float]:
     return np.asarray(out, dtype=np.float32), [float(c) for c in np.ravel(center)], float(scale)
 
 
-def _fps(xyz: np.ndarray, n: int | None) -> np.ndarray:
-    from datapipes.geometry import fps_order
+def fps_orders(clouds: Sequence[np.ndarray], n: int | None = None) -> list[np.ndarray]:
+    """Farthest-point orders of several clouds, batching clouds of equal size into one vectorised loop.
 
-    return np.asarray(fps_order(xyz, n), dtype=np.int64)
-
-
-def build_sample(raw: RawCloud, item: WorkItem, options: ConvertOptions, converter: Converter) -> Sample:
-    """Turns a raw cloud into a finished sample (the format-independent half of :func:`process_item`).
+    Always goes through :func:`datapipes.geometry.fps_order_batch`, whose per-cloud result does not depend
+    on the batch it is in, so any grouping of items (engine, worker, chunk) gives the same orders.
 
     Args:
-        raw: what the converter read.
-        item: the work item.
-        options: conversion options (defaults already resolved).
-        converter: the format (for the normal orientation rule).
+        clouds: ``(N_i, 3)`` float32 point sets.
+        n: indices per cloud (``None``: a full permutation).
 
     Returns:
-        The sample: ``key``, float32 ``xyz (N, 3)``, optional ``normal (N, 3)``, ``curv (N,)``,
-        ``feat (N, C)``, ``label`` and ``meta``.
-
-    Raises:
-        Reject: unusable geometry (non-finite values, degenerate mesh, too few points, zero extent).
+        One int64 index array per cloud, in input order.
     """
+    from datapipes.geometry import fps_order_batch
+
+    out: list[np.ndarray | None] = [None] * len(clouds)
+    groups: dict[int, list[int]] = {}
+    for i, xyz in enumerate(clouds):
+        groups.setdefault(len(xyz), []).append(i)
+    for members in groups.values():
+        batch = np.stack([np.asarray(clouds[i], dtype=np.float32) for i in members])
+        orders = np.asarray(fps_order_batch(batch, n), dtype=np.int64)
+        for row, i in enumerate(members):
+            out[i] = orders[row]
+    return [o for o in out if o is not None]
+
+
+@dataclass
+class _Work:
+    """One item between processing stages."""
+
+    item: WorkItem
+    xyz: np.ndarray
+    normal: np.ndarray | None
+    feat: np.ndarray | None
+    meta: dict[str, Any]
+    rng: np.random.Generator
+    fps_ordered: bool = False
+    curv: np.ndarray | None = None
+
+    def take(self, order: np.ndarray) -> None:
+        self.xyz = self.xyz[order]
+        self.normal = None if self.normal is None else np.asarray(self.normal)[order]
+        self.feat = None if self.feat is None else np.asarray(self.feat)[order]
+        self.curv = None if self.curv is None else self.curv[order]
+
+
+def _load(raw: RawCloud, item: WorkItem, options: ConvertOptions) -> _Work:
+    """Stage 1: sample meshes, validate points (raises :class:`Reject`)."""
     rng = item_rng(options.seed, item.key)
-    normal = raw.normal
-    feat = raw.feat
+    normal, feat = raw.normal, raw.feat
     if raw.mesh is not None:
         vertices, faces = raw.mesh
         _check_finite("vertex coordinate", np.asarray(vertices))
@@ -301,12 +333,12 @@ def build_sample(raw: RawCloud, item: WorkItem, options: ConvertOptions, convert
             xyz, normal = sample_surface(vertices, faces, options.points or 8192, rng)
         except ValueError as err:
             raise Reject(str(err)) from None
-        original = len(vertices)
+        counts = {"num_vertices": len(vertices), "num_faces": len(faces)}
     else:
         if raw.xyz is None:
             raise Reject("no points")
         xyz = np.asarray(raw.xyz)
-        original = len(xyz)
+        counts = {"num_points": len(xyz)}
         _check_finite("coordinate", xyz)
         if normal is not None:
             _check_finite("normal", np.asarray(normal))
@@ -314,63 +346,121 @@ def build_sample(raw: RawCloud, item: WorkItem, options: ConvertOptions, convert
             _check_finite("feature", np.asarray(feat))
     if len(xyz) < options.min_points:
         raise Reject(f"too few points: {len(xyz)} < --min-points {options.min_points}")
-    xyz = np.asarray(xyz, dtype=np.float32)
-    order: np.ndarray | None = None
-    if options.points is not None and len(xyz) > options.points:
-        if options.fps:
-            order = _fps(xyz, options.points)
-        else:
-            order = np.sort(rng.choice(len(xyz), size=options.points, replace=False))
-    if order is not None:
-        xyz = xyz[order]
-        normal = None if normal is None else np.asarray(normal)[order]
-        feat = None if feat is None else np.asarray(feat)[order]
-    extent = float(np.max(np.linalg.norm(xyz - xyz.mean(axis=0), axis=1)))
-    if not extent > 0.0:
-        raise Reject("degenerate cloud: all points coincide")
-    meta: dict[str, Any] = {"source": item.source, "num_points": int(original)}
+    meta: dict[str, Any] = {"source": item.source, **{k: int(v) for k, v in counts.items()}}
     if item.class_name:
         meta["class"] = item.class_name
+    meta.update(raw.meta)
+    return _Work(item, np.asarray(xyz, dtype=np.float32), normal, feat, meta, rng)
+
+
+def _shape(work: _Work, options: ConvertOptions, converter: Converter) -> None:
+    """Stage 3 (after the reduction to ``--points``): extent check, normalisation, normals and curvature."""
+    extent = float(np.max(np.linalg.norm(work.xyz - work.xyz.mean(axis=0), axis=1)))
+    if not extent > 0.0:
+        raise Reject("degenerate cloud: all points coincide")
     if options.normalize:
-        xyz, center, scale = _normalize(xyz)
-        meta["center"], meta["scale"] = center, scale
-    curv: np.ndarray | None = None
+        work.xyz, center, scale = _normalize(work.xyz)
+        work.meta["center"], work.meta["scale"] = center, scale
     if not (options.normals or options.source_normals):
-        normal = None
-    if options.normals or (options.source_normals and normal is None):
+        work.normal = None
+    if options.normals or (options.source_normals and work.normal is None):
         try:
-            est_normal, est_curv = estimate_normals_curvature(
-                xyz, k=options.normal_k, orient=converter.orientation
-            )
+            normal, curv = estimate_normals_curvature(work.xyz, k=options.normal_k, orient=converter.orientation)
         except ValueError as err:
             raise Reject(f"cannot estimate normals: {err}") from None
-        normal = est_normal if normal is None else normal
-        curv = est_curv if options.normals else None
-    if options.fps and order is None:  # a reduction by FPS is already in FPS order
-        perm = _fps(xyz, None)
-        xyz = xyz[perm]
-        normal = None if normal is None else np.asarray(normal)[perm]
-        feat = None if feat is None else np.asarray(feat)[perm]
-        curv = None if curv is None else curv[perm]
-    sample: Sample = {"key": item.key, "xyz": np.ascontiguousarray(xyz, dtype=np.float32)}
-    if normal is not None:
-        sample["normal"] = np.ascontiguousarray(normal, dtype=np.float32)
-    if curv is not None:
-        sample["curv"] = np.ascontiguousarray(curv, dtype=np.float32)
-    if feat is not None:
-        sample["feat"] = np.ascontiguousarray(np.asarray(feat, dtype=np.float32).reshape(len(xyz), -1))
-    if item.label >= 0:
-        sample["label"] = int(item.label)
-    meta.update(raw.meta)
-    sample["meta"] = meta
+        work.normal = normal if work.normal is None else work.normal
+        work.curv = curv if options.normals else None
+
+
+def _to_sample(work: _Work) -> Sample:
+    n = len(work.xyz)
+    sample: Sample = {"key": work.item.key, "xyz": np.ascontiguousarray(work.xyz, dtype=np.float32)}
+    if work.normal is not None:
+        sample["normal"] = np.ascontiguousarray(work.normal, dtype=np.float32)
+    if work.curv is not None:
+        sample["curv"] = np.ascontiguousarray(work.curv, dtype=np.float32)
+    if work.feat is not None:
+        sample["feat"] = np.ascontiguousarray(np.asarray(work.feat, dtype=np.float32).reshape(n, -1))
+    if work.item.label >= 0:
+        sample["label"] = int(work.item.label)
+    sample["meta"] = work.meta
     return sample
 
 
 _READ_ERRORS = (OSError, ValueError, KeyError, IndexError, EOFError, UnicodeError, RuntimeError, TypeError)
 
 
+def _reason(item: WorkItem, err: BaseException) -> str:
+    if isinstance(err, Reject):
+        return str(err)
+    if isinstance(err, MeshError):
+        return str(err).removeprefix(f"{item.path}: ")
+    return f"unreadable: {type(err).__name__}: {err}"
+
+
+def process_items(items: Sequence[WorkItem], options: ConvertOptions) -> list[dict[str, Any]]:
+    """The function every engine runs on a chunk of items: one finished sample or rejection per item.
+
+    Each item is processed on its own (read, validate, sample meshes with a generator seeded from
+    ``(seed, key)``, reduce to ``--points``, normalise, estimate normals, FPS order, label); only the FPS
+    loops of equal-size clouds are batched, which gives the same orders as one cloud at a time. So the
+    result for an item does not depend on the chunk, the worker or the engine.
+
+    Args:
+        items: work items.
+        options: conversion options (defaults resolved).
+
+    Returns:
+        Per item, a :class:`~datapipes.types.Sample` or a :class:`~datapipes.types.Rejection` (it has a
+        ``reason``), in input order.
+    """
+    from datapipes.converters import get_converter
+
+    converter = get_converter(options.format)
+    results: list[dict[str, Any] | None] = [None] * len(items)
+    works: dict[int, _Work] = {}
+
+    def reject(i: int, reason: str) -> None:
+        item = items[i]
+        results[i] = {"source": item.source, "reason": reason, "split": item.split}
+        works.pop(i, None)
+
+    for i, item in enumerate(items):
+        if item.error:
+            reject(i, item.error)
+            continue
+        try:
+            works[i] = _load(converter.read(item, options), item, options)
+        except (Reject, *_READ_ERRORS) as err:
+            reject(i, _reason(item, err))
+    # stage 2: reduce large point sets to --points (FPS, or a seeded random subset)
+    if options.points is not None:
+        large = [i for i, w in works.items() if len(w.xyz) > options.points]
+        if options.fps:
+            for i, order in zip(large, fps_orders([works[i].xyz for i in large], options.points)):
+                works[i].take(order)
+                works[i].fps_ordered = True  # a reduction by FPS is already in FPS order
+        else:
+            for i in large:
+                size = len(works[i].xyz)
+                works[i].take(np.sort(works[i].rng.choice(size, size=options.points, replace=False)))
+    for i in list(works):
+        try:
+            _shape(works[i], options, converter)
+        except Reject as err:
+            reject(i, str(err))
+    # stage 4: store in farthest-point order
+    if options.fps:
+        pending = [i for i, w in works.items() if not w.fps_ordered]
+        for i, order in zip(pending, fps_orders([works[i].xyz for i in pending])):
+            works[i].take(order)
+    for i, work in works.items():
+        results[i] = dict(_to_sample(work))
+    return [r for r in results if r is not None]
+
+
 def process_item(item: WorkItem, options: ConvertOptions) -> dict[str, Any]:
-    """The per-item function every engine runs: returns a finished sample or a rejection.
+    """:func:`process_items` for one item.
 
     Args:
         item: the work item.
@@ -379,21 +469,7 @@ def process_item(item: WorkItem, options: ConvertOptions) -> dict[str, Any]:
     Returns:
         A :class:`~datapipes.types.Sample`, or a :class:`~datapipes.types.Rejection` (it has a ``reason``).
     """
-    from datapipes.converters import get_converter
-
-    if item.error:
-        return {"source": item.source, "reason": item.error, "split": item.split}
-    converter = get_converter(options.format)
-    try:
-        raw = converter.read(item, options)
-        return dict(build_sample(raw, item, options, converter))
-    except Reject as err:
-        reason = str(err)
-    except MeshError as err:
-        reason = str(err).removeprefix(f"{item.path}: ")
-    except _READ_ERRORS as err:
-        reason = f"unreadable: {type(err).__name__}: {err}"
-    return {"source": item.source, "reason": reason, "split": item.split}
+    return process_items([item], options)[0]
 
 
 def is_rejection(result: Mapping[str, Any]) -> bool:
@@ -558,7 +634,7 @@ def convert(
                 jobs.append(ShardJob(split, index, tuple(items[index * size : (index + 1) * size])))
     if on_total is not None:
         on_total(sum(len(job.items) for job in jobs))
-    fn = partial(process_item, options=options)
+    fn = partial(process_items, options=options)
     written = 0
     for job, results in engine.run(fn, jobs, progress):
         rejected = [cast("Rejection", r) for r in results if is_rejection(r)]

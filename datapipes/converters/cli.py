@@ -64,9 +64,9 @@ def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--points",
         type=int,
         metavar="N",
-        help="points per cloud: meshes are sampled with N points (default 8192); larger point sets are "
-        "reduced by FPS (random subset with --no-fps); smaller ones are kept as they are "
-        "(default: keep all, 8192 for modelnet-resampled)",
+        help="points per cloud: meshes are sampled with N points; larger point sets are reduced by FPS "
+        "(a seeded random subset with --no-fps); smaller ones are kept as they are "
+        "(default: 8192 for meshes and modelnet-resampled, all points otherwise)",
     )
     g.add_argument(
         "--normalize",

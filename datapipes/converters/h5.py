@@ -174,6 +174,3 @@ class ScanObjectNN(Converter):
     def read(self, item: WorkItem, options: ConvertOptions) -> RawCloud:
         """Reads one row."""
         return _read_row(item)
-
-
-FORMATS: tuple[type[Converter], ...] = (ModelNetH5, ScanObjectNN)

@@ -221,7 +221,7 @@ class HuggingFace(Converter):
             feature = datasets.Features.from_arrow_schema(schema).get(label_col)
             for split in split_map:
                 cache: dict[str, list[Any]] = {}
-                values = []
+                values: list[Any] = []
                 for part, row in sources[split]:
                     if part.error:
                         values.append(None)
@@ -300,6 +300,3 @@ class HuggingFace(Converter):
             if normal.shape != xyz.shape:
                 raise Reject(f"wrong {normal_col!r} shape {normal.shape}: expected {xyz.shape}")
         return RawCloud(xyz=xyz, normal=normal)
-
-
-FORMATS: tuple[type[Converter], ...] = (HuggingFace,)

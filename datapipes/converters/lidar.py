@@ -54,6 +54,3 @@ class Kitti(Converter):
             )
         records = np.fromfile(item.path, dtype="<f4").reshape(-1, 4)
         return RawCloud(xyz=records[:, :3], feat=records[:, 3:4])
-
-
-FORMATS: tuple[type[Converter], ...] = (Kitti,)

@@ -64,6 +64,3 @@ class MeshFolder(Converter):
                 raise Reject("degenerate mesh: no faces")
             return RawCloud(xyz=vertices, meta={"from": "ply vertices"})
         return RawCloud(mesh=(vertices, faces))
-
-
-FORMATS: tuple[type[Converter], ...] = (ModelNetOff, MeshFolder)

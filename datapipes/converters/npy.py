@@ -99,6 +99,3 @@ class ShapeNet55(Converter):
         """Loads one ``(8192, 3)`` array."""
         xyz, normal = as_points(load_npy(Path(item.path)))
         return RawCloud(xyz=xyz, normal=normal)
-
-
-FORMATS: tuple[type[Converter], ...] = (NpyTree, ShapeNet55)

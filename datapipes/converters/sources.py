@@ -134,6 +134,8 @@ def class_split_items(
     if not classes:
         raise UserError(f"{src}: no class folders (expected <class>/... with {', '.join(suffixes)} files)")
     has_split_dirs = any((src / c / s).is_dir() for c in classes for s in SPLITS)
+    if has_split_dirs and test_fraction > 0:
+        raise UserError(f"{src}: --test-fraction cannot be used when class folders have train/test folders")
     splits: dict[str, list[WorkItem]] = {s: [] for s in SPLITS}
 
     def files_under(folder: Path) -> list[Path]:

@@ -85,6 +85,3 @@ class ModelNetResampled(Converter):
             raise Reject(f"cannot parse comma-separated rows ({err})") from None
         xyz, normal = as_points(rows, "x,y,z[,nx,ny,nz] rows")
         return RawCloud(xyz=xyz, normal=normal)
-
-
-FORMATS: tuple[type[Converter], ...] = (ModelNetResampled,)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -108,7 +108,9 @@ class PretrainModule(pl.LightningModule):
     @property
     def data_contract(self) -> DataContract:
         """Preprocessing the encoder is trained with (stored in the artifact)."""
-        normalization = "unit_sphere" if self.normalization == "unit_sphere" else "none"
+        normalization: Literal["unit_sphere", "none"] = (
+            "unit_sphere" if self.normalization == "unit_sphere" else "none"
+        )
         return DataContract(
             num_points=self.num_points, normalization=normalization, fps_order=self.fps_ordered_data
         )

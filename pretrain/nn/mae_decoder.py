@@ -1,9 +1,9 @@
 """The Point-MAE decoder: light transformer over visible tokens + mask tokens, predicting masked patches.
 
 Pang et al., "Masked Autoencoders for Point Cloud Self-supervised Learning", ECCV 2022. The sequence is
-[encoded visible tokens ; a shared learnable mask token repeated for every masked patch]; a separate positional
-MLP on all centres is re-added before every block; the final LayerNorm is applied to the masked positions only,
-and a linear head predicts ``group_size × 3`` centre-relative coordinates per masked patch.
+[encoded visible tokens ; a shared learnable mask token repeated for every masked patch]; a separate
+positional MLP on all centres is re-added before every block; the final LayerNorm is applied to the masked
+positions only, and a linear head predicts ``group_size × 3`` centre-relative coordinates per masked patch.
 """
 
 from __future__ import annotations

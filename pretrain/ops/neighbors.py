@@ -138,9 +138,20 @@ def _paired_sqdist(x: Tensor, y: Tensor) -> Tensor:
     channels = x.shape[-1]
     if channels > _SEQUENTIAL_CHANNELS:
         return (x - y).square().sum(dim=-1)
-    out = (x[..., 0] - y[..., 0]).square()
-    for channel in range(1, channels):
-        out = out + (x[..., channel] - y[..., channel]).square()
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+        out = (x[..., 0] - y[..., 0]).square()
+        for channel in range(1, channels):
+            out = out + (x[..., channel] - y[..., channel]).square()
+        return out
+    # No autograd: contiguous channel planes (vectorised inner loops) and in-place updates (no new buffers).
+    xs, ys = x.movedim(-1, 0).contiguous(), y.movedim(-1, 0).contiguous()
+    out = xs[0] - ys[0]
+    out.mul_(out)
+    if channels > 1:
+        diff = torch.empty_like(out)
+        for channel in range(1, channels):
+            torch.sub(xs[channel], ys[channel], out=diff)
+            out.add_(diff.mul_(diff))
     return out
 
 

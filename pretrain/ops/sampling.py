@@ -13,9 +13,9 @@ Semantics (both modes):
 * Indices are returned in selection order: ``idx[:, 0]`` is the start point.
 
 Default mode (``skip_near_origin=False``): the running minimum starts at +inf and the next point is the
-*first* index holding the maximum (``torch.argmax`` semantics). This is also what open3d's
-``PointCloud.farthest_point_down_sample`` selects from the same start index (open3d reports the chosen
-points in index order rather than selection order).
+*first* index holding the maximum (``torch.argmax`` semantics). open3d's
+``PointCloud.farthest_point_down_sample`` follows the same rule in float64, so on float64 input both select
+the same points from the same start index (open3d reports them in index order, not selection order).
 
 Parity mode (``skip_near_origin=True``) reproduces ``furthest_point_sample`` of pointnet2_ops (the CUDA
 kernel used by Point-BERT, Point-MAE and Any2Point) index for index:
@@ -38,11 +38,13 @@ contract those into fused multiply-adds, which can change the last bit of a dist
 written (uncontracted) order, so the parity holds exactly whenever no two candidates are within one rounding
 error of each other at a step, i.e. always for exact ties and for generic data.
 
-Performance: all clouds advance together, the loop body is a dozen fused torch ops on contiguous buffers
-(coordinates as ``(C, B, N)`` planes), nothing synchronises with the host, and the ``argmax`` is a
-two-level search (block maxima, then one block) because torch's CPU ``argmax`` is a scalar loop. The parity
-tie-break costs nothing per step: the points are permuted once so that the kernel's winner is the first
-maximum. ``benchmarks/bench_fps.py`` compares against open3d and a naive loop.
+Performance: all clouds advance together; the loop body is about a dozen torch ops on preallocated,
+contiguous buffers (coordinates as ``(C, B, N)`` planes); nothing synchronises with the host; and the
+``argmax`` is a two-level search (block maxima, then one block) because torch's CPU ``argmax`` is a scalar
+loop about 20x slower than ``amax``. The parity tie-break costs nothing per step: the points are permuted
+once so that the kernel's winner is the first maximum. ``benchmarks/bench_fps.py`` compares against open3d
+and a naive loop. Each large op is one OpenMP parallel region, so on an oversubscribed CPU (more busy
+threads than cores) use ``torch.set_num_threads(1)``; DataLoader workers already do.
 """
 
 from __future__ import annotations

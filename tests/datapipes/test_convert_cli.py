@@ -15,7 +15,9 @@ def _tree(root: Path, n: int = 3) -> Path:
         for split in ("train", "test"):
             (root / c / split).mkdir(parents=True)
             for i in range(n):
-                np.save(root / c / split / f"{c}_{split}_{i}.npy", rng.normal(size=(32, 3)).astype(np.float32))
+                np.save(
+                    root / c / split / f"{c}_{split}_{i}.npy", rng.normal(size=(32, 3)).astype(np.float32)
+                )
     return root
 
 
@@ -30,7 +32,8 @@ def test_bad_format_and_missing_src(tmp_path: Path, capsys: pytest.CaptureFixtur
     src = _tree(tmp_path / "src")
     assert convert_cli("npy-forest", src, tmp_path / "out") == 2
     err = _one_line_error(capsys)
-    assert "unknown format 'npy-forest'" in err and "modelnet-off" in err
+    assert "unknown format 'npy-forest'" in err
+    assert "modelnet-off" in err
     assert convert_cli("npy-tree", tmp_path / "nowhere", tmp_path / "out") == 2
     assert "nowhere: no such file or directory" in _one_line_error(capsys)
     assert not (tmp_path / "out").exists()
@@ -48,7 +51,9 @@ def test_bad_format_and_missing_src(tmp_path: Path, capsys: pytest.CaptureFixtur
         (("--workers", "0"), "--workers must be >= 1"),
     ],
 )
-def test_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: tuple[str, ...], message: str) -> None:
+def test_bad_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: tuple[str, ...], message: str
+) -> None:
     src = _tree(tmp_path / "src")
     assert convert_cli("npy-tree", src, tmp_path / "out", *args) == 2
     assert message in _one_line_error(capsys)
@@ -79,25 +84,40 @@ def test_json_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert convert_cli("npy-tree", src, out, "--json", "--shard-size", "2") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["samples"] == {"train": 6, "test": 6}
-    assert report["classes"] == ["a", "b"] and report["num_classes"] == 2
+    assert report["classes"] == ["a", "b"]
+    assert report["num_classes"] == 2
     assert report["rejected"] == 1
-    assert report["shards_written"] == 7 and report["shards_resumed"] == 0
-    assert report["out"] == str(out) and report["elapsed_s"] >= 0
+    assert report["shards_written"] == 7
+    assert report["shards_resumed"] == 0
+    assert report["out"] == str(out)
+    assert report["elapsed_s"] >= 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["source"]["format"] == "npy-tree" and manifest["fps_ordered"] is True
+    assert manifest["source"]["format"] == "npy-tree"
+    assert manifest["fps_ordered"] is True
 
 
 def test_text_summary_and_help(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = _tree(tmp_path / "src")
     assert convert_cli("npy-tree", src, tmp_path / "out") == 0
     out = capsys.readouterr().out
-    assert "train: 6 samples" in out and "test: 6 samples" in out and "rejected: 0" in out
+    assert "train: 6 samples" in out
+    assert "test: 6 samples" in out
+    assert "rejected: 0" in out
     with pytest.raises(SystemExit) as exc:
         cli_main(["convert", "--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for fmt in ("npy-tree", "modelnet-off", "modelnet-resampled", "modelnet-h5", "shapenet55", "scanobjectnn",
-                "mesh-folder", "kitti", "hf"):
+    for fmt in (
+        "npy-tree",
+        "modelnet-off",
+        "modelnet-resampled",
+        "modelnet-h5",
+        "shapenet55",
+        "scanobjectnn",
+        "mesh-folder",
+        "kitti",
+        "hf",
+    ):
         assert fmt in text
 
 

@@ -17,8 +17,10 @@ def _rows(rng: np.random.Generator, n: int) -> list[np.ndarray]:
 def disk_dataset(tmp_path: Path) -> tuple[Path, dict[str, list[np.ndarray]], dict[str, list[int]]]:
     rng = np.random.default_rng(0)
     features = datasets.Features(
-        {"points": datasets.Sequence(datasets.Sequence(datasets.Value("float32"))),
-         "label": datasets.ClassLabel(names=["cone", "cube", "torus"])}
+        {
+            "points": datasets.Sequence(datasets.Sequence(datasets.Value("float32"))),
+            "label": datasets.ClassLabel(names=["cone", "cube", "torus"]),
+        }
     )
     points = {"train": _rows(rng, 5), "validation": _rows(rng, 3)}
     labels = {"train": [0, 2, 1, 2, 0], "validation": [1, 1, 0]}
@@ -35,7 +37,10 @@ def disk_dataset(tmp_path: Path) -> tuple[Path, dict[str, list[np.ndarray]], dic
         table[split] = datasets.Dataset.from_dict({"points": rows, "label": labels[split]}, features=features)
     ragged = [[0.0, 1.0, 2.0], [1.0, 2.0]] + [[float(i), 0.0, 1.0] for i in range(20)]
     table["validation"] = datasets.concatenate_datasets(
-        [table["validation"], datasets.Dataset.from_dict({"points": [ragged], "label": [2]}, features=features)]
+        [
+            table["validation"],
+            datasets.Dataset.from_dict({"points": [ragged], "label": [2]}, features=features),
+        ]
     )
     points["validation"].append(np.zeros(0))
     labels["validation"].append(2)
@@ -55,7 +60,9 @@ def test_hf_save_to_disk(disk_dataset, tmp_path: Path) -> None:
         assert set(got) == expected
         for key, sample in got.items():
             i = int(key.rsplit("_", 1)[1])
-            np.testing.assert_allclose(sorted_rows(sample["xyz"]), sorted_rows(unit_sphere(points[source][i])), atol=1e-5)
+            np.testing.assert_allclose(
+                sorted_rows(sample["xyz"]), sorted_rows(unit_sphere(points[source][i])), atol=1e-5
+            )
             assert sample["label"] == info["labels"][source][i]
             assert sample["meta"]["class"] == ["cone", "cube", "torus"][info["labels"][source][i]]
     assert rejected_by_source(out) == {
@@ -78,8 +85,17 @@ def test_hf_parquet_glob_string_labels(tmp_path: Path) -> None:
         ds.to_parquet(str(src / f"{split}-00000-of-00001.parquet"))
     (src / "train-00001-of-00002.parquet").write_bytes(b"PAR1 garbage")
     out = tmp_path / "out"
-    code = convert_cli("hf", str(src / "*.parquet"), out, "--points-column", "xyz", "--label-column", "category",
-                       "--no-normalize", "--no-fps")
+    code = convert_cli(
+        "hf",
+        str(src / "*.parquet"),
+        out,
+        "--points-column",
+        "xyz",
+        "--label-column",
+        "category",
+        "--no-normalize",
+        "--no-fps",
+    )
     assert code == 0
     for split in clouds:
         got = read_split(out, split)

@@ -56,7 +56,8 @@ def test_kitti_frames(tmp_path: Path) -> None:
     for key, sample in read_split(sub, "train").items():
         rows = {tuple(r) for r in frames[key].tolist()}
         got = np.c_[sample["xyz"], sample["feat"]]
-        assert len(got) == 100 and all(tuple(r) in rows for r in got.tolist())  # a subset, intensity attached
+        assert len(got) == 100
+        assert all(tuple(r) in rows for r in got.tolist())
     fps = tmp_path / "fps"
     assert convert_cli("kitti", src, fps, "--points", "50", "--fps", "--normals") == 0
     sample = read_split(fps, "test")["testing_000007"]

@@ -21,7 +21,9 @@ def _box() -> o3d.geometry.TriangleMesh:
 
 def _write_off(path: Path, vertices: np.ndarray, faces: np.ndarray, *, quirk: bool = False) -> None:
     header = f"OFF{len(vertices)} {len(faces)} 0\n" if quirk else f"OFF\n{len(vertices)} {len(faces)} 0\n"
-    body = "".join(f"{x} {y} {z}\n" for x, y, z in vertices) + "".join(f"3 {a} {b} {c}\n" for a, b, c in faces)
+    body = "".join(f"{x} {y} {z}\n" for x, y, z in vertices) + "".join(
+        f"3 {a} {b} {c}\n" for a, b, c in faces
+    )
     path.write_text(header + body)
 
 
@@ -75,13 +77,16 @@ def test_read_off_errors(tmp_path: Path, text: str, reason: str) -> None:
 def test_sample_surface_uniform_and_seeded() -> None:
     v, f = _box_arrays()
     xyz, normal = sample_surface(v, f, 20000, np.random.default_rng(0))
-    assert xyz.shape == normal.shape == (20000, 3) and xyz.dtype == np.float32
+    assert xyz.shape == normal.shape == (20000, 3)
+    assert xyz.dtype == np.float32
     assert _on_box_surface(xyz).all()
     # each point lies on the face its normal says, and faces get points in proportion to their area
     axis = np.abs(normal).argmax(axis=1)
     np.testing.assert_allclose(np.abs(normal).max(axis=1), 1.0, atol=1e-6)
     half = np.asarray(BOX) / 2
-    np.testing.assert_allclose(xyz[np.arange(len(xyz)), axis], normal[np.arange(len(xyz)), axis] * half[axis], atol=1e-5)
+    np.testing.assert_allclose(
+        xyz[np.arange(len(xyz)), axis], normal[np.arange(len(xyz)), axis] * half[axis], atol=1e-5
+    )
     areas = np.array([BOX[1] * BOX[2], BOX[0] * BOX[2], BOX[0] * BOX[1]])
     np.testing.assert_allclose(np.bincount(axis, minlength=3) / len(xyz), areas / areas.sum(), atol=0.015)
     again, _ = sample_surface(v, f, 20000, np.random.default_rng(0))
@@ -135,12 +140,15 @@ def test_modelnet_off(tmp_path: Path) -> None:
     assert set(test) == {"chair_0011", "chair_0012", "desk_0011", "desk_0012"}
     for key, sample in train.items():
         xyz = sample["xyz"] / (2 if key.startswith("desk_0001") else 1)
-        assert sample["xyz"].shape == (512, 3) and sample["normal"].shape == (512, 3)
+        assert sample["xyz"].shape == (512, 3)
+        assert sample["normal"].shape == (512, 3)
         assert _on_box_surface(xyz).all()
         assert sample["label"] == (0 if key.startswith("chair") else 1)
     assert rejected_by_source(out) == {
         "chair/train/chair_0003.off": "empty file (0 bytes)",
-        "chair/train/chair_0004.off": "truncated OFF file: header promises 8 vertices and 12 faces, found 1 data lines",
+        "chair/train/chair_0004.off": (
+            "truncated OFF file: header promises 8 vertices and 12 faces, found 1 data lines"
+        ),
         "chair/train/chair_0005.off": "degenerate mesh: zero surface area",
         "chair/train/chair_0006.off": "not an ASCII OFF file (binary or garbage bytes)",
         "chair/train/chair_0007.off": "non-finite vertex coordinate values (1 NaN/inf)",
@@ -164,7 +172,9 @@ def test_mesh_folder_formats_and_seeded_split(tmp_path: Path) -> None:
         mesh.compute_triangle_normals()
         for i, suffix in enumerate((".ply", ".obj", ".stl", ".off", ".ply", ".obj")):
             assert o3d.io.write_triangle_mesh(str(src / c / f"{c}{i}{suffix}"), mesh)
-    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.random.default_rng(0).normal(size=(300, 3))))
+    cloud = o3d.geometry.PointCloud(
+        o3d.utility.Vector3dVector(np.random.default_rng(0).normal(size=(300, 3)))
+    )
     o3d.io.write_point_cloud(str(src / "ball" / "points.ply"), cloud)  # a point-cloud .ply: used as points
     (src / "box" / "zero.stl").write_bytes(b"")
     (src / "box" / "garbage.ply").write_bytes(b"not a ply file")
@@ -173,7 +183,8 @@ def test_mesh_folder_formats_and_seeded_split(tmp_path: Path) -> None:
     args = ("--points", "300", "--test-fraction", "0.34", "--no-fps", "--no-normalize")
     assert convert_cli("mesh-folder", src, out, *args) == 0
     train, test = read_split(out, "train"), read_split(out, "test")
-    assert len(train) + len(test) == 13 and len(test) == 5  # round(0.34 * 6) = 2 box, round(0.34 * 7) = 2 ball
+    assert len(train) + len(test) == 13
+    assert len(test) == 5
     for key, sample in {**train, **test}.items():
         if key.startswith("box"):
             assert _on_box_surface(sample["xyz"], tol=1e-4).all(), key
@@ -199,6 +210,7 @@ def test_mesh_folder_split_dirs(tmp_path: Path) -> None:
     assert set(read_split(out, "test")) == {"box_test"}
     sample = read_split(out, "train")["box_train"]
     assert sample["curv"].shape == (64,)
+    assert convert_cli("mesh-folder", src, tmp_path / "x", "--test-fraction", "0.5") == 2
 
 
 def test_read_mesh_suffixes(tmp_path: Path) -> None:
@@ -206,6 +218,7 @@ def test_read_mesh_suffixes(tmp_path: Path) -> None:
     for suffix in (".ply", ".obj", ".stl", ".off"):
         assert o3d.io.write_triangle_mesh(str(tmp_path / f"b{suffix}"), box)
         vertices, faces = read_mesh(tmp_path / f"b{suffix}")
-        assert len(faces) == 12 and vertices.shape[1] == 3
+        assert len(faces) == 12
+        assert vertices.shape[1] == 3
     with pytest.raises(MeshError, match="unsupported mesh suffix"):
         read_mesh(tmp_path / "b.txt")

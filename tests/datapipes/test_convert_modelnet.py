@@ -53,12 +53,20 @@ def test_modelnet_resampled(tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert convert_cli("modelnet-resampled", src, out) == 0  # default --points 8192 keeps all 40
     train, test = read_split(out, "train"), read_split(out, "test")
-    assert set(train) == {"airplane_0001", "airplane_0002", "chair_0001", "chair_0002", "night_stand_0001",
-                          "night_stand_0002"}
+    assert set(train) == {
+        "airplane_0001",
+        "airplane_0002",
+        "chair_0001",
+        "chair_0002",
+        "night_stand_0001",
+        "night_stand_0002",
+    }
     assert set(test) == {"airplane_0003", "chair_0003", "night_stand_0003"}
     for key, sample in {**train, **test}.items():
         ref = np.round(rows[key], 6)
-        np.testing.assert_allclose(sorted_rows(sample["xyz"]), sorted_rows(unit_sphere(ref[:, :3])), atol=1e-5)
+        np.testing.assert_allclose(
+            sorted_rows(sample["xyz"]), sorted_rows(unit_sphere(ref[:, :3])), atol=1e-5
+        )
         # normals travel with their points
         order = np.lexsort(unit_sphere(ref[:, :3]).T[::-1])
         got = np.lexsort(sample["xyz"].astype(np.float64).T[::-1])
@@ -91,7 +99,10 @@ def test_modelnet_h5(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     src = tmp_path / "modelnet40_ply_hdf5_2048"
     src.mkdir()
-    data = {f: rng.normal(size=(n, 32, 3)).astype(np.float32) for f, n in (("train0", 5), ("train1", 3), ("test0", 4))}
+    data = {
+        f: rng.normal(size=(n, 32, 3)).astype(np.float32)
+        for f, n in (("train0", 5), ("train1", 3), ("test0", 4))
+    }
     labels = {f: rng.integers(0, 3, size=(len(d), 1)).astype(np.uint8) for f, d in data.items()}
     data["train1"][1, 7, 0] = np.inf
     for f in data:
@@ -103,7 +114,8 @@ def test_modelnet_h5(tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert convert_cli("modelnet-h5", src, out, "--no-fps", "--no-normalize") == 0
     train, test = read_split(out, "train"), read_split(out, "test")
-    assert len(train) == 7 and len(test) == 4
+    assert len(train) == 7
+    assert len(test) == 4
     for f, arr in data.items():
         for row in range(len(arr)):
             key = f"ply_data_{f}_{row:05d}"
@@ -125,11 +137,15 @@ def test_modelnet_h5(tmp_path: Path) -> None:
 def test_modelnet_h5_generated_class_names(tmp_path: Path) -> None:
     src = tmp_path / "h5"
     src.mkdir()
-    _write_h5(src / "ply_data_train0.h5", np.random.default_rng(0).normal(size=(3, 20, 3)), np.array([0, 4, 2]))
+    _write_h5(
+        src / "ply_data_train0.h5", np.random.default_rng(0).normal(size=(3, 20, 3)), np.array([0, 4, 2])
+    )
     out = tmp_path / "out"
     assert convert_cli("modelnet-h5", src, out) == 0
     manifest_classes = [f"class_{i:02d}" for i in range(5)]
-    assert {s["meta"]["class"] for s in read_split(out, "train").values()} == {manifest_classes[i] for i in (0, 4, 2)}
+    assert {s["meta"]["class"] for s in read_split(out, "train").values()} == {
+        manifest_classes[i] for i in (0, 4, 2)
+    }
 
 
 @pytest.mark.parametrize("variant", ["obj_bg", "obj_only", "pb_t50_rs"])
@@ -155,18 +171,22 @@ def test_scanobjectnn_variants(tmp_path: Path, variant: str) -> None:
     out = tmp_path / "out"
     assert convert_cli("scanobjectnn", root, out, "--variant", variant) == 0
     train, test = read_split(out, "train"), read_split(out, "test")
-    assert len(train) == 3 and len(test) == 2
+    assert len(train) == 3
+    assert len(test) == 2
     stem = Path(files[variant][1].format("training")).stem
     sample = train[f"{stem}_00000"]
     # not normalised by default: the stored points are exactly the file's points (FPS-ordered)
     np.testing.assert_array_equal(sorted_rows(sample["xyz"]), sorted_rows(written[(variant, "training")][0]))
-    assert sample["label"] == 14 and sample["meta"]["class"] == SCANOBJECTNN_CLASSES[14] == "toilet"
+    assert sample["label"] == 14
+    assert sample["meta"]["class"] == SCANOBJECTNN_CLASSES[14] == "toilet"
     assert rejected_by_source(out) == {
         f"{files[variant][0]}/{stem}.h5#2": "non-finite coordinate values (1 NaN/inf)"
     }
     out_norm = tmp_path / "norm"
     assert convert_cli("scanobjectnn", root, out_norm, "--variant", variant, "--normalize") == 0
-    radius = np.linalg.norm(read_split(out_norm, "test")[next(iter(read_split(out_norm, "test")))]["xyz"], axis=1)
+    radius = np.linalg.norm(
+        read_split(out_norm, "test")[next(iter(read_split(out_norm, "test")))]["xyz"], axis=1
+    )
     assert np.isclose(radius.max(), 1.0, atol=1e-6)
 
 
@@ -174,4 +194,5 @@ def test_scanobjectnn_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture
     (tmp_path / "h5_files" / "main_split").mkdir(parents=True)
     assert convert_cli("scanobjectnn", tmp_path / "h5_files", tmp_path / "out", "--variant", "pb_t50_rs") == 2
     err = capsys.readouterr().err
-    assert "training_objectdataset_augmentedrot_scale75.h5" in err and len(err.strip().splitlines()) == 1
+    assert "training_objectdataset_augmentedrot_scale75.h5" in err
+    assert len(err.strip().splitlines()) == 1

@@ -52,7 +52,9 @@ def npy_tree(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
     return src, clouds
 
 
-def test_npy_tree_roundtrip_and_rejections(npy_tree: tuple[Path, dict[str, np.ndarray]], tmp_path: Path) -> None:
+def test_npy_tree_roundtrip_and_rejections(
+    npy_tree: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
     src, clouds = npy_tree
     out = tmp_path / "out"
     assert convert_cli("npy-tree", src, out, "--shard-size", "4") == 0
@@ -61,7 +63,8 @@ def test_npy_tree_roundtrip_and_rejections(npy_tree: tuple[Path, dict[str, np.nd
     assert set(test) == {k for k in clouds if "_test" in k}
     for key, sample in {**train, **test}.items():
         ref = unit_sphere(clouds[key])
-        assert sample["xyz"].dtype == np.float32 and sample["xyz"].shape == (64, 3)
+        assert sample["xyz"].dtype == np.float32
+        assert sample["xyz"].shape == (64, 3)
         # same points (as a set), normalised to the unit sphere ...
         np.testing.assert_allclose(sorted_rows(sample["xyz"]), sorted_rows(ref), atol=1e-5)
         # ... and stored in farthest-point order starting from the first source point
@@ -152,12 +155,15 @@ def test_shapenet55(tmp_path: Path) -> None:
     train, test = read_split(out, "train"), read_split(out, "test")
     names = sorted(clouds)
     assert set(train) | set(test) == set(clouds)
-    assert set(test) == {n for n in names if n in {f"{s}-m{i}" for s in ("04379243", "02691156", "03001627")
-                                                   for i in range(3)}} - set(train)
+    assert set(test) == {
+        n for n in names if n in {f"{s}-m{i}" for s in ("04379243", "02691156", "03001627") for i in range(3)}
+    } - set(train)
     synsets = ["02691156", "03001627", "04379243"]
     for key, sample in {**train, **test}.items():
         assert sample["label"] == synsets.index(key.split("-")[0])
-        np.testing.assert_allclose(sorted_rows(sample["xyz"]), sorted_rows(unit_sphere(clouds[key])), atol=1e-5)
+        np.testing.assert_allclose(
+            sorted_rows(sample["xyz"]), sorted_rows(unit_sphere(clouds[key])), atol=1e-5
+        )
     assert rejected_by_source(out) == {
         "shapenet_pc/02691156-zero.npy": "empty file (0 bytes)",
         "shapenet_pc/03001627-missing.npy": "missing file",
@@ -169,4 +175,5 @@ def test_shapenet55_missing_lists(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert convert_cli("shapenet55", root, tmp_path / "out") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "train.txt" in err and "Point-BERT" in err
+    assert "train.txt" in err
+    assert "Point-BERT" in err

@@ -1,4 +1,4 @@
-"""Interrupted conversions resume: complete shards are kept, the rest recomputed, nothing lost or duplicated."""
+"""Interrupted conversions resume: complete shards are kept, the rest redone, nothing lost or duplicated."""
 
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def _options(src: Path) -> ConvertOptions:
 def _assert_same(out: Path, reference: Path) -> None:
     assert shard_bytes(out) == shard_bytes(reference)
     got, ref = (json.loads((p / "manifest.json").read_text()) for p in (out, reference))
-    assert got["splits"] == ref["splits"] and got["sha256"] == ref["sha256"]
+    assert got["splits"] == ref["splits"]
+    assert got["sha256"] == ref["sha256"]
     assert read_rejected(out) == read_rejected(reference)
 
 
@@ -64,7 +65,9 @@ class _Stop(Exception):
     pass
 
 
-def test_resume_after_failure_matches_uninterrupted_run(mesh_src: Path, reference: Path, tmp_path: Path) -> None:
+def test_resume_after_failure_matches_uninterrupted_run(
+    mesh_src: Path, reference: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     written: list[tuple[str, int]] = []
 
@@ -86,7 +89,8 @@ def test_resume_after_failure_matches_uninterrupted_run(mesh_src: Path, referenc
     assert report.shards_resumed == 2  # the damaged one is redone
     assert report.shards_written == 11 - 2
     _assert_same(out, reference)
-    assert report.samples == {"train": 15, "test": 6} and report.rejected == 1
+    assert report.samples == {"train": 15, "test": 6}
+    assert report.rejected == 1
     assert not list(out.glob(".*tmp*"))
 
 

@@ -37,7 +37,9 @@ def test_pack_roundtrip_without_pickle() -> None:
     for name in ("xyz", "curv"):
         np.testing.assert_array_equal(back[name], result[name])
         assert back[name].dtype == result[name].dtype
-    assert back["meta"] == result["meta"] and back["label"] == 3 and back["images"] == result["images"]
+    assert back["meta"] == result["meta"]
+    assert back["label"] == 3
+    assert back["images"] == result["images"]
     assert unpack_result(pack_result({"source": "s", "reason": "r", "split": "t"})) == {
         "source": "s",
         "reason": "r",
@@ -72,7 +74,10 @@ def test_ray_missing_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def meshes(tmp_path: Path) -> Path:
     src = tmp_path / "meshes"
-    for c, mesh in (("box", o3d.geometry.TriangleMesh.create_box()), ("cone", o3d.geometry.TriangleMesh.create_cone())):
+    for c, mesh in (
+        ("box", o3d.geometry.TriangleMesh.create_box()),
+        ("cone", o3d.geometry.TriangleMesh.create_cone()),
+    ):
         (src / c).mkdir(parents=True)
         for i in range(4):
             mesh.scale(1.2, center=(0, 0, 0))
@@ -86,9 +91,11 @@ def test_local_workers_give_identical_shards(meshes: Path, tmp_path: Path) -> No
     outs = [tmp_path / "w1", tmp_path / "w2"]
     assert convert_cli("mesh-folder", meshes, outs[0], *args) == 0
     assert convert_cli("mesh-folder", meshes, outs[1], *args, "--workers", "2") == 0
-    assert shard_bytes(outs[0]) == shard_bytes(outs[1]) and len(shard_bytes(outs[0])) >= 3
+    assert shard_bytes(outs[0]) == shard_bytes(outs[1])
+    assert len(shard_bytes(outs[0])) >= 3
     assert (outs[0] / "manifest.json").read_bytes() == (outs[1] / "manifest.json").read_bytes()
-    assert read_rejected(outs[0]) == read_rejected(outs[1]) and len(read_rejected(outs[0])) == 1
+    assert read_rejected(outs[0]) == read_rejected(outs[1])
+    assert len(read_rejected(outs[0])) == 1
 
 
 def test_ray_engine_gives_identical_shards(meshes: Path, tmp_path: Path) -> None:
@@ -97,6 +104,7 @@ def test_ray_engine_gives_identical_shards(meshes: Path, tmp_path: Path) -> None
     local, ray_out = tmp_path / "local", tmp_path / "ray"
     assert convert_cli("mesh-folder", meshes, local, *args) == 0
     assert convert_cli("mesh-folder", meshes, ray_out, *args, "--engine", "ray", "--workers", "2") == 0
-    assert shard_bytes(local) == shard_bytes(ray_out) and len(shard_bytes(local)) >= 3
+    assert shard_bytes(local) == shard_bytes(ray_out)
+    assert len(shard_bytes(local)) >= 3
     assert (local / "manifest.json").read_bytes() == (ray_out / "manifest.json").read_bytes()
     assert read_rejected(local) == read_rejected(ray_out)

@@ -69,3 +69,25 @@ def test_rank_from_environment(shards, monkeypatch):
         keys.append([k for b in batches for k in b.key])
         assert keys[-1] == [k for b in _loader(shards, rank) for k in b.key]  # env and explicit agree
     assert keys[0] != keys[1]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_persistent_workers_draw_the_epochs_fresh_workers_draw(shards, workers):
+    """A long-lived loader (persistent workers) and a fresh loader per epoch (a resumed run) agree."""
+    kwargs: dict[str, Any] = {"rank": 1, "world_size": 2}
+    long_lived = make_train_loader(
+        shards, transform=TakePoints(8), batch_size=4, batches_per_epoch=3, num_workers=workers, **kwargs
+    )
+    for epoch in range(3):
+        got = [k for b in long_lived for k in b.key]
+        fresh = make_train_loader(
+            shards,
+            transform=TakePoints(8),
+            batch_size=4,
+            batches_per_epoch=3,
+            num_workers=workers,
+            persistent_workers=False,
+            **kwargs,
+        )
+        fresh.set_epoch(epoch)
+        assert got == [k for b in fresh for k in b.key], f"epoch {epoch}"

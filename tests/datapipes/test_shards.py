@@ -4,6 +4,7 @@ import io
 import json
 import pickle
 import struct
+import tarfile
 import zlib
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from datapipes.shards import (
     encode_png,
     encode_sample,
     iter_shard_samples,
+    iter_tar_members,
     read_manifest,
     sha256_file,
     shard_name,
@@ -465,3 +467,46 @@ def test_not_a_tar_is_a_format_error(tmp_path):
     path.write_bytes(b"\x00garbage" * 100)
     with pytest.raises(ShardFormatError, match=r"train-000000\.tar"):
         list(iter_shard_samples(path))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_fast_tar_reader_matches_tarfile(tmp_path, fmt):
+    path = tmp_path / "a.tar"
+    long_dir = "d" * 120
+    names = [
+        "k1.xyz.npy",
+        f"{long_dir}/k2.cls.txt",
+        "ünïcode_key.meta.json",
+        "k3.empty.txt",
+        "sub/k4.xyz.npy",
+    ]
+    if fmt == tarfile.USTAR_FORMAT:
+        names = [n for n in names if n.isascii()]
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w", format=fmt) as tar:
+        tar.addfile(tarfile.TarInfo("adir/"), None)  # a directory entry is skipped
+        for i, name in enumerate(names):
+            data = rng.bytes(0 if "empty" in name else 100 * i + 7)
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1234.5
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar:
+        regular = [m for m in tar.getmembers() if m.isreg()]
+        expected = [(m.name, tar.extractfile(m).read()) for m in regular]  # type: ignore[union-attr]
+    assert list(iter_tar_members(path)) == expected
+    skipped = list(iter_tar_members(path, select=lambda n: n.endswith(".npy")))
+    assert [(n, d is None) for n, d in skipped] == [(n, not n.endswith(".npy")) for n, _ in expected]
+
+
+def test_fast_tar_reader_detects_damage(tmp_path):
+    write_tiny(tmp_path / "ds")
+    path = tmp_path / "ds" / "train-000000.tar"
+    original = path.read_bytes()
+    data = bytearray(original)
+    data[10] ^= 0x41  # inside the first member name: the header checksum no longer matches
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardFormatError, match=r"train-000000\.tar: damaged tar header at byte 0"):
+        list(iter_tar_members(path))
+    path.write_bytes(original[:1000])
+    with pytest.raises(ShardFormatError, match="truncated"):
+        list(iter_tar_members(path))

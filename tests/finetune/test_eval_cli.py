@@ -226,3 +226,13 @@ def test_tampered_episodes_are_rejected(workspace, capsys, tmp_path):
     episodes.write_text(json.dumps(data))
     assert cli(["fewshot", ws["art"], "--data", ws["shards"], "--episodes", episodes]) == 2
     assert "is not in the 'test' split" in capsys.readouterr().err
+
+
+def test_data_normalization_from_manifest():
+    from finetune.eval_cli import _data_normalization
+
+    assert _data_normalization({"source": {"normalization": "unit_sphere"}}) == "unit_sphere"
+    assert _data_normalization({"source": {"normalize": True}}) == "unit_sphere"
+    assert _data_normalization({"source": {"normalize": False}}) == "none"
+    assert _data_normalization({"normalization": "none", "source": {"normalize": True}}) == "none"
+    assert _data_normalization({"source": {}}) is None

@@ -65,7 +65,9 @@ def test_fit_writes_artifact_that_loads_strictly(demo: Path, tmp_path: Path) -> 
 def test_resume_continues_step_count_and_schedule(demo: Path, tmp_path: Path) -> None:
     common = [*TINY, f"--data.data_root={demo}", "--model.init_args.warmup_epochs=1"]
     first = tmp_path / "a"
-    assert pretrain_main(["fit", *common, f"--trainer.default_root_dir={first}", "--trainer.max_epochs=1"]) == 0
+    assert (
+        pretrain_main(["fit", *common, f"--trainer.default_root_dir={first}", "--trainer.max_epochs=1"]) == 0
+    )
     ckpt = torch.load(first / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 8
     assert ckpt["pcpt"]["method"] == "PointMAE"
@@ -75,7 +77,10 @@ def test_resume_continues_step_count_and_schedule(demo: Path, tmp_path: Path) ->
          f"--ckpt_path={first / 'checkpoints' / 'last.ckpt'}"]
     ) == 0  # fmt: skip
     straight = tmp_path / "c"
-    assert pretrain_main(["fit", *common, f"--trainer.default_root_dir={straight}", "--trainer.max_epochs=2"]) == 0
+    assert (
+        pretrain_main(["fit", *common, f"--trainer.default_root_dir={straight}", "--trainer.max_epochs=2"])
+        == 0
+    )
     a = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     b = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert a["global_step"] == b["global_step"] == 16

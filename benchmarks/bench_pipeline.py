@@ -1,0 +1,415 @@
+"""Training-pipeline throughput and memory: pcpt streaming shards vs a file-per-sample map-style Dataset.
+
+The baseline is what the official Point-BERT / Point-MAE loaders do: a map-style Dataset that ``np.load``s one
+``.npy`` file per sample from a ``<class>/<split>/<name>.npy`` tree, behind a ``DataLoader`` with the same
+batch size, workers, transforms (random ``num_points`` of the stored points, unit-sphere normalisation,
+Point-MAE ScaleAndTranslate) and the same collate function. Both read the same clouds.
+
+Throughput is measured per full epoch (worker start-up included), the loaders interleaved, the first epoch of
+each discarded as warm-up, and reported as the median over ``--repeats`` epochs in samples/s, together with
+the CPU time spent per sample by the main process and its workers (user + system, from ``getrusage``), which
+is much less sensitive than wall-clock time to other load on a shared machine. Peak memory is
+the largest sum of RSS over the main process and its DataLoader workers, sampled every 20 ms during an epoch,
+for the same data split into few or many shards.
+
+Usage::
+
+    python benchmarks/bench_pipeline.py                                  # synthetic data only
+    python benchmarks/bench_pipeline.py --modelnet ../shared/data/ModelNet40   # also real ModelNet40 clouds
+
+Prints one JSON document on stdout (progress on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from datapipes.pipeline import collate, make_train_loader
+from datapipes.shards import ShardSetWriter, iter_shard_samples, shard_paths
+from datapipes.synthetic import write_synthetic
+from datapipes.transforms import Compose, NormalizeUnitSphere, ScaleAndTranslate, TakePoints, Transform
+
+
+def log(message: str) -> None:
+    print(f"[bench_pipeline] {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def make_synthetic(work: Path, samples: int, points: int, shard_size: int) -> Path:
+    classes = 10
+    root = work / f"synth-{samples}x{points}-s{shard_size}"
+    if not (root / "manifest.json").exists():
+        log(f"writing synthetic shards to {root}")
+        write_synthetic(
+            root,
+            classes=classes,
+            per_class=samples // classes,
+            test_per_class=0,
+            points=points,
+            shard_size=shard_size,
+        )
+    return root
+
+
+def reshard(src: Path, out: Path, shard_size: int) -> Path:
+    """The same train samples in shards of ``shard_size`` (memory-vs-shard-count runs)."""
+    if (out / "manifest.json").exists():
+        return out
+    samples = [
+        s for p in shard_paths(src, "train") for s in iter_shard_samples(p, fields=("xyz", "label", "meta"))
+    ]
+    writer = ShardSetWriter(out, options={"format": "reshard", "src": str(src), "shard_size": shard_size})
+    chunks = [samples[i : i + shard_size] for i in range(0, len(samples), shard_size)]
+    for i, chunk in enumerate(chunks):
+        if not writer.is_complete("train", i):
+            kept = [{k: s[k] for k in ("key", "xyz", "label")} for s in chunk]
+            writer.write_shard("train", i, kept, [])  # type: ignore[arg-type]
+    classes = json.loads((src / "manifest.json").read_text())["classes"]
+    writer.finalize(num_shards={"train": len(chunks)}, classes=classes, fps_ordered=False)
+    return out
+
+
+def export_npy_tree(src: Path, out: Path) -> Path:
+    """The same clouds as one ``.npy`` file per sample: ``<class>/train/<key>.npy``."""
+    if (out / ".done").exists():
+        return out
+    log(f"writing the file-per-sample tree to {out}")
+    for path in shard_paths(src, "train"):
+        for s in iter_shard_samples(path, fields=("xyz", "meta")):
+            folder = out / s["meta"]["class"] / "train"
+            folder.mkdir(parents=True, exist_ok=True)
+            np.save(folder / f"{s['key']}.npy", s["xyz"])
+    (out / ".done").write_text("ok\n")
+    return out
+
+
+def convert_npy_tree(tree: Path, out: Path, shard_size: int) -> Path:
+    """A minimal ``<class>/train/*.npy`` -> shards conversion (stored order kept, no FPS)."""
+    if (out / "manifest.json").exists():
+        return out
+    log(f"converting {tree} (train split) to shards in {out}")
+    classes = sorted(p.name for p in tree.iterdir() if p.is_dir())
+    files = [(f, c) for c, name in enumerate(classes) for f in sorted((tree / name / "train").glob("*.npy"))]
+    order = np.random.default_rng(0).permutation(len(files))
+    files = [files[i] for i in order]
+    writer = ShardSetWriter(out, options={"format": "npy-tree", "src": str(tree), "shard_size": shard_size})
+    chunks = [files[i : i + shard_size] for i in range(0, len(files), shard_size)]
+    for i, chunk in enumerate(chunks):
+        if writer.is_complete("train", i):
+            continue
+        samples = [{"key": f.stem, "xyz": np.load(f).astype(np.float32), "label": c} for f, c in chunk]
+        writer.write_shard("train", i, samples, [])  # type: ignore[arg-type]
+    writer.finalize(num_shards={"train": len(chunks)}, classes=classes, fps_ordered=False)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ loaders
+
+
+class NpyFileDataset(Dataset[dict[str, Any]]):
+    """The baseline: one ``np.load`` per sample from a ``<class>/<split>/*.npy`` tree."""
+
+    def __init__(self, tree: Path, split: str, transform: Transform, seed: int = 0) -> None:
+        classes = sorted(p.name for p in tree.iterdir() if p.is_dir())
+        self.items = [
+            (f, c) for c, name in enumerate(classes) for f in sorted((tree / name / split).glob("*.npy"))
+        ]
+        self.transform, self.seed = transform, seed
+        self._rng: np.random.Generator | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self._rng is None:  # one generator per worker process, like the streaming pipeline
+            info = torch.utils.data.get_worker_info()
+            self._rng = np.random.default_rng([self.seed, 0 if info is None else info.id])
+        path, label = self.items[index]
+        xyz = np.load(path).astype(np.float32)
+        return self.transform({"key": path.stem, "xyz": xyz, "label": label}, self._rng)
+
+
+def baseline_loader(
+    tree: Path, transform: Transform, batch_size: int, workers: int, persistent: bool
+) -> DataLoader[Any]:
+    return DataLoader(
+        NpyFileDataset(tree, "train", transform),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        collate_fn=collate,
+        persistent_workers=persistent and workers > 0,
+    )
+
+
+def stream_loader(
+    root: Path, transform: Transform, batch_size: int, workers: int, batches: int, persistent: bool
+) -> Iterable[Any]:
+    return make_train_loader(
+        shard_paths(root, "train"),
+        transform=transform,
+        batch_size=batch_size,
+        batches_per_epoch=batches,
+        num_workers=workers,
+        rank=0,
+        world_size=1,
+        persistent_workers=persistent,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+def _live_children_cpu() -> dict[int, float]:
+    """Cumulative CPU seconds of every live child process (persistent DataLoader workers), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for pid in _children(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def _cpu_seconds() -> tuple[float, dict[int, float]]:
+    """CPU time of this process and its reaped children, and of each live child (see ``_cpu_delta``)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime, _live_children_cpu()
+
+
+def _cpu_delta(start: tuple[float, dict[int, float]], end: tuple[float, dict[int, float]]) -> float:
+    """CPU seconds spent between two snapshots by this process and all its workers, live or finished.
+
+    A worker reaped in between shows up in the rusage total with its whole lifetime, so what it had used at
+    the start is subtracted whether it is still alive or not.
+    """
+    return end[0] - start[0] + sum(end[1].values()) - sum(start[1].values())
+
+
+def epoch_rate(loader: Iterable[Any]) -> tuple[float, float]:
+    """One epoch: ``(samples per wall-clock second, CPU microseconds per sample over main + workers)``."""
+    gc.collect()
+    start, cpu = time.perf_counter(), _cpu_seconds()
+    samples = 0
+    for batch in loader:
+        samples += len(batch)
+    wall = time.perf_counter() - start  # the finished iterator is gone: non-persistent workers are joined
+    return samples / wall, _cpu_delta(cpu, _cpu_seconds()) / samples * 1e6
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return kids
+
+
+def tree_rss_mib(pid: int) -> float:
+    todo, total = [pid], 0
+    while todo:
+        p = todo.pop()
+        total += _rss_kib(p)
+        todo += _children(p)
+    return total / 1024
+
+
+def peak_memory(run: Callable[[], Any]) -> float:
+    """Peak RSS (MiB) of this process plus its children while ``run()`` executes."""
+    peak, done = 0.0, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, tree_rss_mib(os.getpid()))
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        run()
+    finally:
+        done.set()
+        thread.join()
+    return round(peak, 1)
+
+
+def compare(
+    name: str,
+    shards: Path,
+    tree: Path,
+    *,
+    num_points: int,
+    batch_size: int,
+    workers: list[int],
+    repeats: int,
+    persistent: bool,
+) -> dict[str, Any]:
+    transform = Compose((TakePoints(num_points, mode="random"), NormalizeUnitSphere(), ScaleAndTranslate()))
+    samples = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["samples"]
+    batches = samples // batch_size
+    results: dict[str, Any] = {}
+    for w in workers:
+        loaders = {
+            "pcpt_stream": stream_loader(shards, transform, batch_size, w, batches, persistent),
+            "npy_per_file": baseline_loader(tree, transform, batch_size, w, persistent),
+        }
+        rates: dict[str, list[float]] = {k: [] for k in loaders}
+        cpu: dict[str, list[float]] = {k: [] for k in loaders}
+        for loader in loaders.values():  # warm-up epoch (page cache, imports)
+            epoch_rate(loader)
+        for _ in range(repeats):
+            for k, loader in loaders.items():
+                rate, cost = epoch_rate(loader)
+                rates[k].append(rate)
+                cpu[k].append(cost)
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+        results[f"workers={w}"] = {
+            "samples_per_s": {k: round(v, 1) for k, v in med.items()},
+            "speedup": round(med["pcpt_stream"] / med["npy_per_file"], 2),
+            "cpu_us_per_sample": {k: round(v, 1) for k, v in med_cpu.items()},
+            "cpu_speedup": round(med_cpu["npy_per_file"] / med_cpu["pcpt_stream"], 2),
+            "epochs_samples_per_s": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+        }
+        entry = results[f"workers={w}"]
+        log(
+            f"{name} workers={w}: {entry['samples_per_s']} speedup {entry['speedup']}; "
+            f"CPU us/sample {entry['cpu_us_per_sample']} speedup {entry['cpu_speedup']}"
+        )
+    return {"samples": samples, "batches_per_epoch": batches, "num_points": num_points, "results": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", default="/tmp/pcpt-bench", help="scratch folder for shards and npy trees")
+    parser.add_argument("--samples", type=int, default=2000, help="synthetic training samples")
+    parser.add_argument("--points", type=int, default=2048, help="stored points per synthetic cloud")
+    parser.add_argument("--num-points", type=int, default=1024, help="points per cloud in a batch")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=5, help="measured epochs per loader (median)")
+    parser.add_argument("--shard-size", type=int, default=250)
+    parser.add_argument("--memory-shards", type=int, nargs=2, default=[4, 64], help="few and many shards")
+    parser.add_argument(
+        "--persistent",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="persistent DataLoader workers for both loaders (default; --no-persistent: fork every epoch)",
+    )
+    parser.add_argument("--modelnet", default=None, help="ModelNet40 npy tree (1024 points per cloud)")
+    parser.add_argument("--modelnet-num-points", type=int, default=512)
+    args = parser.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+
+    report: dict[str, Any] = {
+        "benchmark": "bench_pipeline",
+        "date": datetime.date.today().isoformat(),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        },
+        "settings": {k: v for k, v in vars(args).items() if k != "work"},
+    }
+    synth = make_synthetic(work, args.samples, args.points, args.shard_size)
+    tree = export_npy_tree(synth, work / f"{synth.name}-npy")
+    report["synthetic"] = compare(
+        "synthetic",
+        synth,
+        tree,
+        num_points=args.num_points,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        repeats=args.repeats,
+        persistent=args.persistent,
+    )
+
+    transform = Compose(
+        (TakePoints(args.num_points, mode="random"), NormalizeUnitSphere(), ScaleAndTranslate())
+    )
+    memory: dict[str, Any] = {}
+    for count in args.memory_shards:
+        size = -(-args.samples // count)
+        root = reshard(synth, work / f"{synth.name}-{count}shards", size)
+        batches = args.samples // args.batch_size
+        loader = stream_loader(root, transform, args.batch_size, 2, batches, args.persistent)
+        epoch_rate(loader)  # warm-up
+        peak = peak_memory(lambda loader=loader: epoch_rate(loader))  # type: ignore[misc]
+        memory[f"{count}_shards"] = {"shard_samples": size, "peak_rss_mib": peak}
+        log(f"memory {count} shards: {memory[f'{count}_shards']}")
+    baseline = baseline_loader(tree, transform, args.batch_size, 2, args.persistent)
+    epoch_rate(baseline)
+    memory["npy_per_file_baseline"] = {"peak_rss_mib": peak_memory(lambda: epoch_rate(baseline))}
+    report["memory_workers=2"] = memory
+
+    if args.modelnet:
+        modelnet = Path(args.modelnet)
+        if (modelnet / "airplane" / "train").is_dir():
+            shards = convert_npy_tree(modelnet, work / "modelnet40-train", 500)
+            report["modelnet40"] = compare(
+                "modelnet40",
+                shards,
+                modelnet,
+                num_points=args.modelnet_num_points,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                repeats=args.repeats,
+                persistent=args.persistent,
+            )
+            report["modelnet40"]["note"] = (
+                f"stored clouds have 1024 points; batches take {args.modelnet_num_points}"
+            )
+        else:
+            log(f"{modelnet}: not a ModelNet40 npy tree, skipped")
+    report["machine"]["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Point-BERT training steps at the official size: dVAE tokenizer (stage 1) and masked point modelling (2).
+
+Prints one JSON document to stdout. For each stage it builds the official model (dVAE: 64 groups x 32 points,
+8192-entry codebook, DGCNN widths 128-1024, 27.6 M parameters; MPM: 384 x 12 blocks x 6 heads encoder with CLS
+and mask tokens, lm_head over 8192 codes, momentum encoder, 16,384-key queue, frozen dVAE) and times full
+training steps (``training_step`` -> backward -> AdamW step) on random unit-sphere clouds of 1024 points:
+
+* ``samples_per_s``: batch size / median step time (``step_s_min`` also reported);
+* ``peak_rss_mib``: peak resident memory of the process that ran the stage (each stage runs in its own
+  subprocess, so the numbers do not mix), and ``cuda_max_allocated_mib`` on a GPU.
+
+Run: ``python benchmarks/bench_point_bert.py --batch 8 --steps 3 --threads 2`` (``--device cuda`` on a GPU).
+One warm-up step precedes the timed ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+STAGES = ("dvae", "mpm")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch", type=int, default=8, help="clouds per step (default 8)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up (default 3)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="stage to run (default all)")
+    args = parser.parse_args(argv)
+    if args.batch < 2 or args.steps < 1 or args.threads < 1:
+        parser.error("--batch must be >= 2, --steps and --threads >= 1")
+    return args
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def run_stage(stage: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Builds one stage's module and times its training steps (in this process)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import torch
+
+    from pretrain.encoders.spec import DataContract, EncoderSpec
+    from pretrain.methods.dvae import PointDVAE
+    from pretrain.methods.point_bert import PointBERT
+    from pretrain.optim import param_groups
+    from pretrain.tokenizers import DiscreteVAE, DVAESpec, save_tokenizer
+
+    warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer attached: logging is skipped
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        if stage == "dvae":
+            module: Any = PointDVAE(DVAESpec())
+        else:
+            tokenizer = save_tokenizer(
+                Path(tmp) / "tokenizer", DiscreteVAE(DVAESpec()), data=DataContract(), provenance={}
+            )
+            spec = EncoderSpec(tokenizer_dim=256, cls_token=True, mask_token=True)
+            module = PointBERT(spec, str(tokenizer))
+    module = module.to(device).train()
+    optimizer = torch.optim.AdamW(param_groups(module, 0.05), lr=5e-4)
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in module.parameters())
+    gen = torch.Generator().manual_seed(0)
+    clouds = torch.randn(args.steps + 1, args.batch, 1024, 3, generator=gen)
+    clouds = clouds / clouds.norm(dim=-1).amax(dim=-1)[..., None, None]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, losses = [], []
+    for step in range(args.steps + 1):
+        points = clouds[step].to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        loss = module.training_step(points, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step > 0:
+            times.append(time.perf_counter() - begin)
+        losses.append(float(loss))
+    median = statistics.median(times)
+    result: dict[str, Any] = {
+        "stage": stage,
+        "module": type(module).__name__,
+        "params_total": total,
+        "params_trainable": trainable,
+        "batch": args.batch,
+        "num_points": 1024,
+        "steps_timed": len(times),
+        "step_s_median": round(median, 4),
+        "step_s_min": round(min(times), 4),
+        "samples_per_s": round(args.batch / median, 3),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "loss_first_last": [round(losses[0], 5), round(losses[-1], 5)],
+    }
+    if device.type == "cuda":
+        result["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.stage != "all":
+        json.dump(run_stage(args.stage, args), sys.stdout)
+        return
+    results = []
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    for stage in STAGES:
+        cmd = [sys.executable, __file__, "--stage", stage, "--batch", str(args.batch), "--steps",
+               str(args.steps), "--threads", str(args.threads), "--device", args.device]  # fmt: skip
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+        results.append(json.loads(out))
+    import torch
+
+    report = {
+        "benchmark": "Point-BERT training steps (official size)",
+        "date": datetime.date.today().isoformat(),
+        "command": "python benchmarks/bench_point_bert.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "device": args.device,
+        "threads": args.threads,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
+        },
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "results": results,
+    }
+    json.dump(report, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Point-MAE pre-training throughput: pcpt vs a naive implementation of the same model, in one run.
+
+Measures training steps (forward + backward + AdamW step) of the official-size Point-MAE (384 × 12 encoder,
+4-block decoder, 64 groups × 32 points, 1024 points, mask 0.6) and reports samples/s and peak memory.
+
+The naive variant is the same model and weights with the two things the engineering replaces:
+attention as explicit ``softmax(q kᵀ / √d) v`` matmuls instead of ``F.scaled_dot_product_attention``, and
+grouping with a per-sample Python-loop FPS + per-sample distance-matrix kNN instead of the batched ops.
+
+Usage::
+
+    python benchmarks/bench_pretrain.py --device cpu --batch-size 16 --steps 5
+    python benchmarks/bench_pretrain.py --device cuda --batch-size 128 --steps 30 --precision bf16
+
+Prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+import types
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pretrain.encoders.spec import EncoderSpec
+from pretrain.methods.point_mae import PointMAE
+from pretrain.nn.transformer import Attention
+from pretrain.ops.grouping import PatchGroups
+
+
+def naive_attention_forward(self: Attention, x: Tensor) -> Tensor:
+    batch, length, dim = x.shape
+    qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = (q @ k.transpose(-2, -1)) * (dim // self.num_heads) ** -0.5
+    out = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, length, dim)
+    result: Tensor = self.proj(out)
+    return result
+
+
+def naive_fps(xyz: Tensor, n: int) -> Tensor:
+    """Plain per-sample loop FPS (start index 0), as in many research codebases."""
+    out = []
+    for cloud in xyz:
+        dist = torch.full((cloud.shape[0],), float("inf"), device=cloud.device)
+        chosen = [0]
+        for _ in range(n - 1):
+            dist = torch.minimum(dist, ((cloud - cloud[chosen[-1]]) ** 2).sum(-1))
+            chosen.append(int(dist.argmax()))
+        out.append(torch.tensor(chosen, device=cloud.device))
+    return torch.stack(out)
+
+
+def naive_group(self: Any, xyz: Tensor, *, generator: torch.Generator | None = None) -> PatchGroups:
+    spec = self.spec
+    center_idx = naive_fps(xyz, spec.num_groups)
+    centers, neigh, idx = [], [], []
+    for b in range(xyz.shape[0]):
+        c = xyz[b, center_idx[b]]
+        d = torch.cdist(c, xyz[b])
+        i = d.topk(spec.group_size, dim=1, largest=False).indices
+        centers.append(c)
+        neigh.append(xyz[b, i] - c[:, None])
+        idx.append(i)
+    return PatchGroups(
+        centers=torch.stack(centers),
+        neighborhoods=torch.stack(neigh),
+        idx=torch.stack(idx),
+        center_idx=center_idx,
+    )
+
+
+def make_model(variant: str, device: torch.device) -> PointMAE:
+    torch.manual_seed(0)
+    model = PointMAE(EncoderSpec(), mask_ratio=0.6, decoder_depth=4).to(device)
+    if variant == "naive":
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.forward = types.MethodType(naive_attention_forward, module)  # type: ignore[method-assign]
+        model.encoder.group = types.MethodType(naive_group, model.encoder)  # type: ignore[method-assign]
+    return model
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(variant: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    model = make_model(variant, device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    points = (
+        torch.rand(args.batch_size, 1024, 3, generator=torch.Generator().manual_seed(1)).to(device) * 2 - 1
+    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step(i: int) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = model.loss_for(points, generator=torch.Generator().manual_seed(i))
+        loss.backward()
+        optimizer.step()
+        return float(loss)
+
+    for i in range(args.warmup):
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for i in range(args.steps):
+        step(args.warmup + i)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    return {
+        "variant": variant,
+        "samples_per_s": args.batch_size * args.steps / elapsed,
+        "s_per_step": elapsed / args.steps,
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--variants", default="pcpt,naive")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    variants = args.variants.split(",")
+    if len(variants) == 1:
+        results = [run(variants[0], args, device)]
+    else:  # one process per variant so peak memory is measured separately
+        results = []
+        for variant in variants:
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--variants", variant]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            results.extend(json.loads(out)["results"])
+    by_name = {r["variant"]: r for r in results}
+    report: dict[str, Any] = {
+        "benchmark": "point_mae_pretrain_step",
+        "model": "Point-MAE official size (384x12 enc, 4-block dec, 64x32 groups, 1024 points, mask 0.6)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "precision": args.precision,
+        "torch": torch.__version__,
+        "results": results,
+    }
+    if "pcpt" in by_name and "naive" in by_name:
+        report["speedup_vs_naive"] = by_name["pcpt"]["samples_per_s"] / by_name["naive"]["samples_per_s"]
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Point-BERT stage 1: the discrete VAE tokenizer (Yu et al., CVPR 2022).
+
+group (FPS + kNN) → mini-PointNet → DGCNN logits over the codebook → Gumbel-softmax (temperature cosine
+1 → 1/16 over 100k iterations) → codebook → DGCNN → folding decoder → Chamfer-L1 (coarse) + Chamfer-L1 (fine)
++ w(it)·KL(u ‖ q̄) (w = 0 for 10k iterations, then a cosine ramp to 0.1 over 100k). The per-iteration schedules
+read ``global_step``, so a resumed run continues them where it stopped. The end of ``fit`` writes a
+``dvae_tokenizer`` artifact (``pretrain.tokenizers``), the input of
+:class:`~pretrain.methods.point_bert.PointBERT`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pretrain.checkpoint import git_sha
+from pretrain.encoders.spec import EncoderSpec
+from pretrain.losses import dvae_kl_uniform
+from pretrain.methods.base import PretrainModule
+from pretrain.ops import chamfer_distance
+from pretrain.ops.grouping import PatchGroups
+from pretrain.schedules import cosine_ramp
+from pretrain.tokenizers import TOKENIZER_KIND, DiscreteVAE, DVAEOutput, DVAESpec, save_tokenizer
+from pretrain.training import derive_seed
+
+__all__ = ["PointDVAE", "code_perplexity"]
+
+
+def code_perplexity(counts: Tensor) -> Tensor:
+    """``exp(entropy)`` of a code histogram: 1 when one code is used, V when all V are used equally.
+
+    Shapes:
+        counts: (V,) non-negative counts. returns: () float.
+    """
+    p = counts.float() / counts.sum().clamp_min(1)
+    return torch.exp(-(p * p.clamp_min(1e-12).log()).sum())
+
+
+class PointDVAE(PretrainModule):
+    """Trains the Point-BERT dVAE tokenizer.
+
+    The module holds the tokenizer as ``dvae`` (weights ``dvae.*``, the official key layout after the prefix);
+    it trains no transformer encoder, so the encoder the base class builds is dropped.
+
+    Args:
+        dvae: tokenizer architecture (default: the official one, 64 × 32 patches, 8192 codes).
+        temperature_start: Gumbel-softmax temperature at iteration 0.
+        temperature_end: temperature after ``temperature_iters`` iterations (1/16).
+        temperature_iters: length of the temperature cosine (100k).
+        kl_start_it: iteration where the KL weight starts to ramp (10k).
+        kl_ramp_iters: length of the KL weight cosine ramp (100k).
+        kl_weight_max: final KL weight (0.1).
+        lr: peak learning rate of AdamW (5e-4).
+        weight_decay: AdamW weight decay (5e-4).
+        warmup_epochs: linear warmup epochs (10).
+        min_lr: final learning rate.
+        warmup_init_lr: learning rate at step 0.
+        num_points: points per cloud (data contract).
+        normalization: cloud normalisation (data contract).
+        seed: base seed of the per-step Gumbel noise.
+    """
+
+    method_name = "PointDVAE"
+
+    def __init__(
+        self,
+        dvae: DVAESpec | None = None,
+        *,
+        temperature_start: float = 1.0,
+        temperature_end: float = 1.0 / 16.0,
+        temperature_iters: int = 100_000,
+        kl_start_it: int = 10_000,
+        kl_ramp_iters: int = 100_000,
+        kl_weight_max: float = 0.1,
+        lr: float = 5e-4,
+        weight_decay: float = 5e-4,
+        warmup_epochs: float = 10.0,
+        min_lr: float = 1e-6,
+        warmup_init_lr: float = 1e-6,
+        num_points: int = 1024,
+        normalization: str = "unit_sphere",
+        seed: int = 0,
+    ) -> None:
+        spec = dvae if dvae is not None else DVAESpec()
+        if not isinstance(spec, DVAESpec):
+            spec = DVAESpec.from_dict(spec)
+        placeholder = EncoderSpec.named("tiny", num_groups=spec.num_groups, group_size=spec.group_size)
+        super().__init__(
+            placeholder,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs,
+            min_lr=min_lr,
+            warmup_init_lr=warmup_init_lr,
+            num_points=num_points,
+            normalization=normalization,
+            seed=seed,
+        )
+        del self.encoder  # stage 1 trains the tokenizer only
+        if not (temperature_start > 0 and temperature_end > 0):
+            raise ValueError(f"temperatures must be > 0, got {temperature_start} and {temperature_end}")
+        if temperature_iters < 1 or kl_ramp_iters < 1 or kl_start_it < 0:
+            raise ValueError(
+                "temperature_iters and kl_ramp_iters must be >= 1 and kl_start_it >= 0, got "
+                f"{temperature_iters}, {kl_ramp_iters}, {kl_start_it}"
+            )
+        if kl_weight_max < 0:
+            raise ValueError(f"kl_weight_max must be >= 0, got {kl_weight_max}")
+        self.save_hyperparameters()
+        self.dvae_spec = spec
+        self.dvae = DiscreteVAE(spec)
+        self.temperature_start, self.temperature_end = temperature_start, temperature_end
+        self.temperature_iters = temperature_iters
+        self.kl_start_it, self.kl_ramp_iters, self.kl_weight_max = kl_start_it, kl_ramp_iters, kl_weight_max
+        self._code_counts: Tensor | None = None  # per-rank histogram of this epoch (not a DDP buffer)
+
+    # ------------------------------------------------------------------------------------------ schedules
+    def temperature_at(self, it: int) -> float:
+        """Gumbel-softmax temperature at iteration ``it`` (cosine from start to end, then constant)."""
+        return cosine_ramp(
+            it,
+            start_it=0,
+            ramp_iters=self.temperature_iters,
+            start_value=self.temperature_start,
+            end_value=self.temperature_end,
+        )
+
+    def kl_weight_at(self, it: int) -> float:
+        """KL weight at iteration ``it`` (0, then a cosine ramp to ``kl_weight_max``, then constant)."""
+        return cosine_ramp(
+            it,
+            start_it=self.kl_start_it,
+            ramp_iters=self.kl_ramp_iters,
+            start_value=0.0,
+            end_value=self.kl_weight_max,
+        )
+
+    # ------------------------------------------------------------------------------------------- training
+    def _noise(self, *parts: int) -> torch.Generator:
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(derive_seed(self.seed, self.global_rank, *parts))
+        return generator
+
+    @staticmethod
+    def reconstruction_losses(out: DVAEOutput, groups: PatchGroups) -> tuple[Tensor, Tensor]:
+        """Chamfer-L1 of the coarse and of the fine patches against the true patches, over all B·G patches."""
+        target = groups.neighborhoods.flatten(0, 1).float()
+        coarse = chamfer_distance(out.coarse.flatten(0, 1).float(), target, variant="l1")
+        fine = chamfer_distance(out.fine.flatten(0, 1).float(), target, variant="l1")
+        return coarse, fine
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        points = self.batch_points(batch)
+        it = int(self.global_step)
+        temperature, kl_weight = self.temperature_at(it), self.kl_weight_at(it)
+        groups = self.dvae.group(points)
+        out = self.dvae(
+            groups.neighborhoods,
+            groups.centers,
+            temperature=temperature,
+            generator=self._noise(it, batch_idx),
+        )
+        loss_coarse, loss_fine = self.reconstruction_losses(out, groups)
+        kl = dvae_kl_uniform(out.logits)
+        loss = loss_coarse + loss_fine + kl_weight * kl
+        counts = torch.bincount(out.logits.argmax(-1).flatten(), minlength=self.dvae_spec.codebook_size)
+        self._code_counts = counts if self._code_counts is None else self._code_counts + counts
+        size = points.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log_dict(
+            {
+                "train/loss_coarse": loss_coarse,
+                "train/loss_fine": loss_fine,
+                "train/kl": kl,
+                "train/kl_weight": kl_weight,
+                "train/temperature": temperature,
+                "train/code_perplexity": code_perplexity(counts),
+            },
+            batch_size=size,
+        )
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._code_counts = None
+
+    def on_train_epoch_end(self) -> None:
+        """Logs codebook usage over the epoch (all ranks): perplexity and codes never chosen (dead)."""
+        if self._code_counts is None:
+            return
+        counts = self._code_counts
+        if self._trainer is not None and self.trainer.world_size > 1:
+            gathered = self.all_gather(counts)
+            if not isinstance(gathered, Tensor):
+                raise RuntimeError(f"all_gather returned {type(gathered).__name__}, expected a tensor")
+            counts = gathered.sum(dim=0)
+        dead = float((counts == 0).sum())
+        self.log("train/dead_codes", dead, sync_dist=True)  # equal on every rank after the gather
+        self.log("train/epoch_code_perplexity", code_perplexity(counts), sync_dist=True)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Hard codes at temperature 1 (the official validation): patch and whole-cloud Chamfer distances."""
+        points = self.batch_points(batch)
+        groups = self.dvae.group(points)
+        out = self.dvae(
+            groups.neighborhoods,
+            groups.centers,
+            temperature=1.0,
+            hard=True,
+            generator=self._noise(-1, batch_idx),
+        )
+        loss_coarse, loss_fine = self.reconstruction_losses(out, groups)
+        whole = (out.fine + groups.centers.unsqueeze(2)).flatten(1, 2).float()
+        size = points.shape[0]
+        metrics = {
+            "val/loss_recon": loss_coarse + loss_fine,
+            "val/cdl1": chamfer_distance(whole, points.float(), variant="l1"),
+            "val/cdl2": chamfer_distance(whole, points.float(), variant="l2"),
+        }
+        self.log_dict(metrics, batch_size=size, sync_dist=True)
+        return metrics["val/loss_recon"]
+
+    # ---------------------------------------------------------------------------------------- handoff
+    def pcpt_metadata(self) -> dict[str, Any]:
+        """``checkpoint["pcpt"]``: kind ``dvae_tokenizer``, the spec and the weights' prefix (``dvae.``)."""
+        return {
+            "method": self.method_name,
+            "kind": TOKENIZER_KIND,
+            "tokenizer_spec": self.dvae_spec.to_dict(),
+            "data_contract": self.data_contract.to_dict(),
+            "encoder_prefix": "dvae.",
+            "config_sha256": self.provenance_extra.get("config_sha256"),
+            "data_manifest_sha256": self.provenance_extra.get("data_manifest_sha256"),
+        }
+
+    def export_encoder(self, out_dir: str | Path, **provenance: Any) -> Path:
+        """Writes the ``dvae_tokenizer`` artifact (called by ``pcpt-pretrain fit`` after training)."""
+        info = {
+            "method": self.method_name,
+            "step": int(self.global_step),
+            "epoch": int(self.current_epoch),
+            "git_sha": git_sha(),
+            **{k: v for k, v in self.provenance_extra.items() if v is not None},
+            **provenance,
+        }
+        return save_tokenizer(out_dir, self.dvae, data=self.data_contract, provenance=info)
