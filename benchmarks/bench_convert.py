@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
         },
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "results": results,
     }
     print(json.dumps(doc, indent=2))

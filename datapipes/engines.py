@@ -250,6 +250,7 @@ class RayEngine:
     Args:
         address: Ray cluster address (``ray://...`` or ``auto``); ``None`` starts a local instance.
         num_cpus: CPUs for a local instance (default: all).
+        chunk_size: items per Ray Data batch.
 
     Raises:
         UserError: Ray is not installed.
@@ -311,7 +312,9 @@ class RayEngine:
             return
         parts: dict[int, dict[int, dict[str, Any]]] = {j: {} for j in range(len(jobs))}
         mapper = _RayMapper(fn, item_type)
-        dataset = ray.data.from_items(rows).map_batches(mapper, batch_size=self.chunk_size, batch_format="numpy")
+        dataset = ray.data.from_items(rows).map_batches(
+            mapper, batch_size=self.chunk_size, batch_format="numpy"
+        )
         for row in dataset.iter_rows():
             j, pos = int(row["job"]), int(row["pos"])
             parts[j][pos] = unpack_result(bytes(row["payload"]))

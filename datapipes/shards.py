@@ -685,10 +685,16 @@ def iter_shard_members(
     key: str | None = None
     members: dict[str, bytes] = {}
     parsed: dict[str, tuple[str, str]] = {}
+    decisions: dict[str, bool] = {}  # per suffix: a shard repeats the same few suffixes
 
     def keep(name: str) -> bool:
-        parsed[name] = _split_member(name, where)  # parsed once, reused below
-        return select is None or select(parsed[name][1])
+        parsed[name] = split = _split_member(name, where)  # parsed once, reused below
+        if select is None:
+            return True
+        decision = decisions.get(split[1])
+        if decision is None:
+            decision = decisions[split[1]] = bool(select(split[1]))
+        return decision
 
     for name, data in iter_tar_members(path, select=keep):
         member_key, suffix = parsed.pop(name)

@@ -9,6 +9,7 @@ sampler splits them evenly across ranks.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,7 +23,23 @@ from datapipes.shards import read_manifest
 from datapipes.types import PointBatch
 from finetune.probes import stratified_split
 
-__all__ = ["ClassificationDataModule"]
+__all__ = ["ArraysDataModule", "ClassificationDataModule", "LabelledArrays", "manifest_normalization"]
+
+#: (xyz (S, N, 3) float32, labels (S,) int64, keys)
+LabelledArrays = tuple[np.ndarray, np.ndarray, list[str]]
+
+
+def manifest_normalization(manifest: Mapping[str, Any]) -> str | None:
+    """The data's normalisation recorded in a shard manifest (``"unit_sphere"``, ``"none"``), or None.
+
+    Read from ``normalization`` (top level or in ``source``), else the converters' ``source.normalize`` flag.
+    """
+    source = manifest.get("source")
+    source = source if isinstance(source, Mapping) else {}
+    value = manifest.get("normalization", source.get("normalization"))
+    if value is None and isinstance(source.get("normalize"), bool):
+        value = "unit_sphere" if source["normalize"] else "none"
+    return None if value is None else str(value)
 
 
 class _ArrayDataset(Dataset[tuple[np.ndarray, int, str]]):
@@ -44,7 +61,66 @@ def _collate(items: list[tuple[np.ndarray, int, str]]) -> PointBatch:
     )
 
 
-class ClassificationDataModule(pl.LightningDataModule):
+class _SplitsDataModule(pl.LightningDataModule):
+    """Loaders over in-memory ``train`` / ``val`` / ``test`` sets (subclasses fill ``self._sets``)."""
+
+    batch_size: int
+    num_workers: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sets: dict[str, _ArrayDataset] = {}
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader[Any]:
+        dataset = self._sets[name]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) % self.batch_size == 1,  # no single-sample BatchNorm batch
+            num_workers=self.num_workers,
+            collate_fn=_collate,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader[Any]:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader[Any]:
+        return self._loader("test", shuffle=False)
+
+
+class ArraysDataModule(_SplitsDataModule):
+    """Classification sets given as arrays (e.g. one few-shot episode's support and query clouds).
+
+    Args:
+        train: training clouds, labels and keys.
+        test: test clouds, labels and keys.
+        val: optional validation set.
+        batch_size: per-device batch size.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        train: LabelledArrays,
+        test: LabelledArrays,
+        *,
+        val: LabelledArrays | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self._sets = {"train": _ArrayDataset(*train), "test": _ArrayDataset(*test)}
+        if val is not None:
+            self._sets["val"] = _ArrayDataset(*val)
+
+
+class ClassificationDataModule(_SplitsDataModule):
     """Train / held-out val / test classification sets from a shard root.
 
     Args:
@@ -83,7 +159,6 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.val_fraction, self.val_split = val_fraction, val_split
         self.train_split, self.test_split, self.split_seed = train_split, test_split, split_seed
         self.manifest: dict[str, Any] = read_manifest(data_root)
-        self._sets: dict[str, _ArrayDataset] = {}
         self.selection: dict[str, Any] = {}
 
     @property
@@ -93,9 +168,8 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     @property
     def normalization(self) -> str | None:
-        """Normalisation recorded by the converter, if any."""
-        source = self.manifest.get("source", {})
-        return source.get("normalization") if isinstance(source, dict) else None
+        """Normalisation recorded in the manifest, if any."""
+        return manifest_normalization(self.manifest)
 
     def _load(self, split: str, num_points: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
         if split not in self.manifest.get("splits", {}):
@@ -128,24 +202,3 @@ class ClassificationDataModule(pl.LightningDataModule):
             self._sets["val"] = _ArrayDataset(vx, vy, vk)
             self._sets["train"] = _ArrayDataset(xyz, labels, keys)
         self._sets["test"] = _ArrayDataset(*self._load(self.test_split, self.pool_points))
-
-    def _loader(self, name: str, shuffle: bool) -> DataLoader[Any]:
-        dataset = self._sets[name]
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(dataset) > self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=_collate,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader[Any]:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader[Any]:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader[Any]:
-        return self._loader("test", shuffle=False)

@@ -91,22 +91,9 @@ def _resolve_device(name: str) -> str:
     return name
 
 
-def _data_normalization(manifest: Mapping[str, Any]) -> str | None:
-    """The data's normalization recorded in the manifest, or None.
-
-    Read from ``normalization`` (top level or in ``source``), else the converters' ``source.normalize`` flag
-    (True: ``"unit_sphere"``).
-    """
-    source = manifest.get("source")
-    source = source if isinstance(source, Mapping) else {}
-    value = manifest.get("normalization", source.get("normalization"))
-    if value is None and isinstance(source.get("normalize"), bool):
-        value = "unit_sphere" if source["normalize"] else "none"
-    return None if value is None else str(value)
-
-
 def _load_common(args: argparse.Namespace) -> _Loaded:
     from datapipes.shards import read_manifest
+    from finetune.data import manifest_normalization
     from finetune.features import check_data_contract
     from pretrain.checkpoint import WeightsMismatchError, load_encoder
 
@@ -127,7 +114,7 @@ def _load_common(args: argparse.Namespace) -> _Loaded:
     requested = args.num_points
     num_points = int(requested if requested is not None else contract.get("num_points", 1024))
     warnings = check_data_contract(
-        meta, num_points, _data_normalization(manifest), allow_num_points_change=requested is not None
+        meta, num_points, manifest_normalization(manifest), allow_num_points_change=requested is not None
     )
     spec = encoder.spec
     needed = max(spec.num_groups, spec.group_size)
@@ -388,6 +375,22 @@ def run_fewshot_command(args: argparse.Namespace) -> int:
         episodes.save(args.write_episodes)
     _emit_warnings(warnings)
 
+    if args.protocol == "finetune":
+        from finetune.fewshot_finetune import run_fewshot_finetune
+
+        s_rows = {k: s_xyz[i] for i, k in enumerate(s_keys)}
+        q_rows = {k: q_xyz[i] for i, k in enumerate(q_keys)}
+        result = run_fewshot_finetune(
+            args.artifact,
+            episodes,
+            support_clouds=s_rows,
+            query_clouds=q_rows,
+            epochs=args.epochs,
+            batch_size=min(args.batch_size, 32),
+            accelerator="gpu" if loaded.device == "cuda" else "cpu",
+        )
+        return _report_fewshot(args, loaded, episodes, result, warnings)
+
     # features only for the keys the episodes use
     def keyed(xyz: np.ndarray, keys: list[str], wanted: set[str]) -> dict[str, np.ndarray]:
         rows = [i for i, k in enumerate(keys) if k in wanted]
@@ -403,7 +406,12 @@ def run_fewshot_command(args: argparse.Namespace) -> int:
         support_features = keyed(s_xyz, s_keys, support_wanted)
         query_features = keyed(q_xyz, q_keys, query_wanted)
     result = run_fewshot_svm(episodes, support_features=support_features, query_features=query_features)
+    return _report_fewshot(args, loaded, episodes, result, warnings)
 
+
+def _report_fewshot(
+    args: argparse.Namespace, loaded: _Loaded, episodes: Any, result: Any, warnings: Sequence[str]
+) -> int:
     report = {
         "command": "fewshot",
         "artifact": str(args.artifact),
@@ -413,19 +421,22 @@ def run_fewshot_command(args: argparse.Namespace) -> int:
         "num_points": loaded.num_points,
         "episodes_file": None if args.episodes is None else str(args.episodes),
         "episodes_written": None if args.write_episodes is None else str(args.write_episodes),
-        "warnings": warnings,
+        "warnings": list(warnings),
         "summary": result.summary(),
         **result.to_dict(),
     }
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
         return 0
-    rows = [
-        (
-            "protocol",
+    if result.protocol == "finetune":
+        protocol = f"finetune: full finetuning per fold, {result.params}"
+    else:
+        protocol = (
             f"{result.protocol}: {result.params.get('classifier')} C={result.params.get('C')} "
-            f"on frozen pooled features, {result.params.get('scaler')}",
-        ),
+            f"on frozen pooled features, {result.params.get('scaler')}"
+        )
+    rows = [
+        ("protocol", protocol),
         ("encoder", f"{args.artifact} ({report['method']})"),
         (
             "episodes",
@@ -452,7 +463,9 @@ def add_fewshot_parser(subparsers: Any) -> argparse.ArgumentParser:
         "drawn from --seed and identified by sample keys; --write-episodes saves them as a versioned JSON "
         "file with a checksum and --episodes reruns exactly those episodes. Protocol 'svm': StandardScaler + "
         "linear SVC (C=1) fitted on each episode's support features, accuracy on its queries; nothing is "
-        "tuned. Reports mean ± sample std (ddof=1) over the folds.",
+        "tuned. Protocol 'finetune': the encoder is finetuned with a fresh head on each support set (--epochs, "
+        "official 150) and the queries are evaluated once after the last epoch. Reports mean ± sample std "
+        "(ddof=1) over the folds.",
     )
     p.add_argument("artifact", metavar="ART", type=Path, help="encoder artifact directory")
     p.add_argument(
@@ -465,7 +478,19 @@ def add_fewshot_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="episode seed (default: %(default)s)")
     p.add_argument("--episodes", type=Path, default=None, metavar="FILE", help="read episodes from this file")
     p.add_argument("--write-episodes", type=Path, default=None, metavar="FILE", help="save the episodes used")
-    p.add_argument("--protocol", choices=("svm",), default="svm", help="evaluation protocol (default: svm)")
+    p.add_argument(
+        "--protocol",
+        choices=("svm", "finetune"),
+        default="svm",
+        help="svm: linear SVC on frozen features; finetune: full finetuning of the encoder on each support "
+        "set (Point-BERT/Point-MAE protocol), queries evaluated once after the last epoch (default: svm)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=150,
+        help="training epochs per fold for --protocol finetune (default: %(default)s)",
+    )
     p.add_argument(
         "--query-split",
         choices=("test", "train"),

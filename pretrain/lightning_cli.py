@@ -61,7 +61,7 @@ class PretrainCLI(LightningCLI):
             base = self.trainer.log_dir or self.trainer.default_root_dir
             export_dir = str(Path(base) / "encoder")
         path = model.export_encoder(export_dir)
-        print(f"pcpt-pretrain: encoder artifact written to {path}")
+        print(f"pcpt-pretrain: artifact written to {path}")
 
 
 def run_lightning_cli(argv: Sequence[str]) -> int:

@@ -18,6 +18,7 @@ from datapipes.converters.base import (
     WorkItem,
     convert,
     process_item,
+    process_items,
 )
 from datapipes.errors import UserError
 
@@ -62,4 +63,5 @@ __all__ = [
     "convert",
     "get_converter",
     "process_item",
+    "process_items",
 ]

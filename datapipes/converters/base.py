@@ -10,10 +10,12 @@ A converter (one per format, see :mod:`datapipes.converters`) does two things:
 - ``read(item, options)`` loads one item's raw cloud (points, a mesh to sample, normals, features) or
   raises :class:`Reject` with a precise reason.
 
-:func:`process_item` is the pure per-item function every engine runs: read, validate, sample meshes with a
-generator seeded from ``(seed, key)``, reduce to ``--points``, normalise to the unit sphere, estimate normals
-and curvature, order by FPS, attach the label. Its output depends only on the item and the options, never
-on the worker or the engine, so shards are byte-identical whatever ran them.
+:func:`process_items` is the function every engine runs on a chunk of items: per item, read, validate,
+sample meshes with a generator seeded from ``(seed, key)``, reduce to ``--points``, normalise to the unit
+sphere, estimate normals and curvature, order by FPS, attach the label (only the FPS loops of equal-size
+clouds are batched, with per-cloud results independent of the batch). An item's output depends only on the
+item and the options, never on the chunk, the worker or the engine, so shards are byte-identical whatever
+ran them.
 
 Point-count policy (``--points N``): a mesh is sampled with exactly ``N`` points; a point set with more
 than ``N`` points is reduced to ``N`` by FPS (or by a seeded random subset with ``--no-fps``); a point set
@@ -365,7 +367,9 @@ def _shape(work: _Work, options: ConvertOptions, converter: Converter) -> None:
         work.normal = None
     if options.normals or (options.source_normals and work.normal is None):
         try:
-            normal, curv = estimate_normals_curvature(work.xyz, k=options.normal_k, orient=converter.orientation)
+            normal, curv = estimate_normals_curvature(
+                work.xyz, k=options.normal_k, orient=converter.orientation
+            )
         except ValueError as err:
             raise Reject(f"cannot estimate normals: {err}") from None
         work.normal = normal if work.normal is None else work.normal

@@ -30,7 +30,8 @@ class PretrainModule(pl.LightningModule):
     """Base LightningModule of every pcpt pre-training method.
 
     Args:
-        encoder: architecture of the encoder being pre-trained.
+        encoder: architecture of the encoder being pre-trained (``None`` for methods that train no
+            point encoder, such as the Point-BERT tokenizer; they override :meth:`export_encoder`).
         lr: peak learning rate of AdamW.
         weight_decay: decoupled weight decay (not applied to 1-D parameters, biases and ``*token*``).
         warmup_epochs: linear warmup length in epochs (converted to optimizer steps).
@@ -45,7 +46,7 @@ class PretrainModule(pl.LightningModule):
 
     def __init__(
         self,
-        encoder: EncoderSpec,
+        encoder: EncoderSpec | None,
         *,
         lr: float = 1e-3,
         weight_decay: float = 0.05,
@@ -61,8 +62,11 @@ class PretrainModule(pl.LightningModule):
             raise ValueError(f"lr must be > 0, got {lr}")
         if warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
-        self.encoder_spec = encoder if isinstance(encoder, EncoderSpec) else EncoderSpec.from_dict(encoder)
-        self.encoder: PointEncoder = build_encoder(self.encoder_spec)
+        self.encoder_spec: EncoderSpec | None = (
+            encoder if encoder is None or isinstance(encoder, EncoderSpec) else EncoderSpec.from_dict(encoder)
+        )
+        if self.encoder_spec is not None:  # None: the method trains something else (e.g. a tokenizer)
+            self.encoder: PointEncoder = build_encoder(self.encoder_spec)
         self.lr = lr
         self.weight_decay = weight_decay
         self.warmup_epochs = warmup_epochs
@@ -120,7 +124,7 @@ class PretrainModule(pl.LightningModule):
         return {
             "method": self.method_name,
             "kind": "point_encoder",
-            "encoder_spec": self.encoder_spec.to_dict(),
+            "encoder_spec": None if self.encoder_spec is None else self.encoder_spec.to_dict(),
             "data_contract": self.data_contract.to_dict(),
             "encoder_prefix": "encoder.",
             "config_sha256": self.provenance_extra.get("config_sha256"),

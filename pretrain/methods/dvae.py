@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from pretrain.checkpoint import git_sha
-from pretrain.encoders.spec import EncoderSpec
 from pretrain.losses import dvae_kl_uniform
 from pretrain.methods.base import PretrainModule
 from pretrain.ops import chamfer_distance
@@ -87,9 +86,8 @@ class PointDVAE(PretrainModule):
         spec = dvae if dvae is not None else DVAESpec()
         if not isinstance(spec, DVAESpec):
             spec = DVAESpec.from_dict(spec)
-        placeholder = EncoderSpec.named("tiny", num_groups=spec.num_groups, group_size=spec.group_size)
         super().__init__(
-            placeholder,
+            None,
             lr=lr,
             weight_decay=weight_decay,
             warmup_epochs=warmup_epochs,
@@ -99,7 +97,6 @@ class PointDVAE(PretrainModule):
             normalization=normalization,
             seed=seed,
         )
-        del self.encoder  # stage 1 trains the tokenizer only
         if not (temperature_start > 0 and temperature_end > 0):
             raise ValueError(f"temperatures must be > 0, got {temperature_start} and {temperature_end}")
         if temperature_iters < 1 or kl_ramp_iters < 1 or kl_start_it < 0:

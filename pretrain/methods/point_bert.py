@@ -152,14 +152,14 @@ class PointBERT(PretrainModule):
         self.momentum, self.temperature, self.mixup, self.moco = momentum, temperature, mixup, moco
         self.dvae, _ = load_tokenizer(tokenizer)
         self.dvae.requires_grad_(False).eval()
-        self._check_compatible(self.encoder_spec)
+        self._check_compatible(self.encoder.spec)
         patch_embed = getattr(self.encoder, "tokenizer", None)
         if not isinstance(patch_embed, MiniPointNet):
             raise ValueError(
-                f"encoder arch {self.encoder_spec.arch!r} has no mini-PointNet 'tokenizer' to initialise"
+                f"encoder arch {self.encoder.spec.arch!r} has no mini-PointNet 'tokenizer' to initialise"
             )
         patch_embed.load_state_dict(self.dvae.encoder.state_dict())  # the official _prepare_encoder
-        dim = self.encoder_spec.embed_dim
+        dim = self.encoder.spec.embed_dim
         self.lm_head = nn.Linear(dim, self.dvae.spec.codebook_size)
         self.cls_head = nn.Sequential(nn.Linear(dim, proj_dim), nn.GELU(), nn.Linear(proj_dim, proj_dim))
         for layer in (self.lm_head, *self.cls_head):

@@ -68,21 +68,21 @@ class PointMAE(PretrainModule):
         )
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-        if int(mask_ratio * self.encoder_spec.num_groups) < 1:
+        if int(mask_ratio * self.encoder.spec.num_groups) < 1:
             raise ValueError(
-                f"mask_ratio={mask_ratio} masks no patch of num_groups={self.encoder_spec.num_groups}"
+                f"mask_ratio={mask_ratio} masks no patch of num_groups={self.encoder.spec.num_groups}"
             )
         self.save_hyperparameters()
         self.mask_ratio = mask_ratio
         self.mask_type = mask_type
         self.loss_variant: Literal["l1", "l2"] = "l2" if loss == "cdl2" else "l1"
         self.decoder = MAEDecoder(
-            self.encoder_spec.embed_dim,
+            self.encoder.spec.embed_dim,
             depth=decoder_depth,
-            num_heads=decoder_num_heads or self.encoder_spec.num_heads,
-            group_size=self.encoder_spec.group_size,
+            num_heads=decoder_num_heads or self.encoder.spec.num_heads,
+            group_size=self.encoder.spec.group_size,
             drop_path=decoder_drop_path,
-            mlp_ratio=self.encoder_spec.mlp_ratio,
+            mlp_ratio=self.encoder.spec.mlp_ratio,
         )
 
     def make_mask(self, groups: PatchGroups, generator: torch.Generator | None = None) -> Tensor:

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.datapipes.convert_util import cli_main, convert_cli, read_split
+from tests.datapipes._convert_helpers import cli_main, convert_cli, read_split
 
 
 def _tree(root: Path, n: int = 3) -> Path:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.datapipes.convert_util import convert_cli, naive_fps, read_split, rejected_by_source
+from tests.datapipes._convert_helpers import convert_cli, naive_fps, read_split, rejected_by_source
 
 
 def _frame(rng: np.random.Generator, n: int) -> np.ndarray:

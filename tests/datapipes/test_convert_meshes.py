@@ -7,7 +7,7 @@ import open3d as o3d
 import pytest
 
 from datapipes.mesh import MeshError, estimate_normals_curvature, read_mesh, read_off, sample_surface
-from tests.datapipes.convert_util import convert_cli, naive_fps, read_split, rejected_by_source
+from tests.datapipes._convert_helpers import convert_cli, naive_fps, read_split, rejected_by_source
 
 BOX = (2.0, 1.0, 0.5)  # extents: face areas 0.5 (x faces), 1.0 (y faces), 2.0 (z faces)
 

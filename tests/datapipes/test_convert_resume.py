@@ -16,7 +16,7 @@ import pytest
 from datapipes.converters import get_converter
 from datapipes.converters.base import ConvertOptions, ConvertReport, convert, resolve_options
 from datapipes.engines import LocalEngine
-from tests.datapipes.convert_util import convert_cli, read_rejected, shard_bytes
+from tests.datapipes._convert_helpers import convert_cli, read_rejected, shard_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ("--points", "256", "--shard-size", "2")
@@ -97,7 +97,7 @@ def test_resume_after_failure_matches_uninterrupted_run(
 def test_resume_after_kill(mesh_src: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ("--points", "1024", "--shard-size", "1", "--normals")  # slow enough per item to be killed mid-way
-    code = "import sys; from tests.datapipes.convert_util import cli_main; sys.exit(cli_main(sys.argv[1:]))"
+    code = "import sys; from tests.datapipes._convert_helpers import cli_main; sys.exit(cli_main(sys.argv[1:]))"
     cmd = [sys.executable, "-c", code, "convert", "modelnet-off", str(mesh_src), str(out), "--quiet", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -9,7 +9,7 @@ from scipy.spatial.transform import Rotation
 
 from datapipes.dedup import dedup, near_pairs, shape_descriptor
 from datapipes.shards import ShardSetWriter
-from tests.datapipes.convert_util import cli_main
+from tests.datapipes._convert_helpers import cli_main
 
 
 def _surface(kind: str, dims: tuple[float, ...], rng: np.random.Generator, n: int = 1024) -> np.ndarray:

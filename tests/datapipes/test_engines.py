@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +11,17 @@ import pytest
 
 from datapipes.engines import LocalEngine, ShardJob, make_engine, pack_result, unpack_result
 from datapipes.errors import UserError
-from tests.datapipes.convert_util import convert_cli, read_rejected, shard_bytes
+from tests.datapipes._convert_helpers import convert_cli, read_rejected, shard_bytes
 
 
 def _square(item: int) -> dict[str, Any]:
     if item % 7 == 3:
         return {"source": str(item), "reason": "multiple of 7 plus 3", "split": "train"}
     return {"key": f"k{item}", "xyz": np.full((2, 3), item, np.float32), "label": item}
+
+
+def _squares(items: Sequence[int]) -> list[dict[str, Any]]:
+    return [_square(item) for item in items]
 
 
 def _jobs() -> list[ShardJob]:
@@ -52,7 +57,7 @@ def test_local_engine_order_and_progress(workers: int) -> None:
     engine = LocalEngine(workers, chunk_size=3)
     done: list[int] = []
     try:
-        got = {job.index: results for job, results in engine.run(_square, _jobs(), done.append)}
+        got = {job.index: results for job, results in engine.run(_squares, _jobs(), done.append)}
     finally:
         engine.close()
     assert sorted(got) == [0, 1, 2, 3]
