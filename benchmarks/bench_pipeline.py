@@ -311,6 +311,8 @@ def compare(
             "cpu_speedup": round(med_cpu["npy_per_file"] / med_cpu["pcpt_stream"], 2),
             "epochs_samples_per_s": {k: [round(x, 1) for x in v] for k, v in rates.items()},
         }
+        del loaders  # shut the workers down before the next configuration
+        gc.collect()
         entry = results[f"workers={w}"]
         log(
             f"{name} workers={w}: {entry['samples_per_s']} speedup {entry['speedup']}; "
@@ -391,9 +393,13 @@ def main(argv: list[str] | None = None) -> int:
         peak = peak_memory(lambda loader=loader: epoch_rate(loader))  # type: ignore[misc]
         memory[f"{count}_shards"] = {"shard_samples": size, "peak_rss_mib": peak}
         log(f"memory {count} shards: {memory[f'{count}_shards']}")
+        del loader  # its (persistent) workers must not count in the next measurement
+        gc.collect()
     baseline = baseline_loader(tree, transform, args.batch_size, 2, args.persistent)
     epoch_rate(baseline)
-    memory["npy_per_file_baseline"] = {"peak_rss_mib": peak_memory(lambda: epoch_rate(baseline))}
+    memory["npy_per_file_baseline"] = {"peak_rss_mib": peak_memory(lambda b=baseline: epoch_rate(b))}  # type: ignore[misc]
+    del baseline
+    gc.collect()
     report["memory_workers=2"] = memory
 
     if args.modelnet:

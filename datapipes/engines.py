@@ -83,7 +83,7 @@ class LocalEngine:
         chunk_size: items per task sent to a worker (jobs are cut into chunks for load balance).
     """
 
-    def __init__(self, workers: int = 1, *, chunk_size: int = 16) -> None:
+    def __init__(self, workers: int = 1, *, chunk_size: int = 32) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if chunk_size < 1:
@@ -257,7 +257,7 @@ class RayEngine:
     """
 
     def __init__(
-        self, address: str | None = None, *, num_cpus: int | None = None, chunk_size: int = 16
+        self, address: str | None = None, *, num_cpus: int | None = None, chunk_size: int = 32
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

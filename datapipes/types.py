@@ -77,3 +77,12 @@ class PointBatch:
 
     def __len__(self) -> int:
         return int(self.points.shape[0])
+
+    def pin_memory(self) -> PointBatch:
+        """A copy with every tensor in pinned memory (called by ``DataLoader(pin_memory=True)``)."""
+        pinned = {
+            name: value.pin_memory() if hasattr(value, "pin_memory") else value
+            for name, value in vars(self).items()
+            if name != "key"
+        }
+        return PointBatch(**pinned, key=list(self.key))

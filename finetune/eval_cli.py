@@ -463,8 +463,9 @@ def add_fewshot_parser(subparsers: Any) -> argparse.ArgumentParser:
         "drawn from --seed and identified by sample keys; --write-episodes saves them as a versioned JSON "
         "file with a checksum and --episodes reruns exactly those episodes. Protocol 'svm': StandardScaler + "
         "linear SVC (C=1) fitted on each episode's support features, accuracy on its queries; nothing is "
-        "tuned. Protocol 'finetune': the encoder is finetuned with a fresh head on each support set (--epochs, "
-        "official 150) and the queries are evaluated once after the last epoch. Reports mean ± sample std "
+        "tuned. Protocol 'finetune': the encoder is finetuned with a fresh head on each support set "
+        "(--epochs, official 150) and the queries are evaluated once after the last epoch. Reports mean ± "
+        "sample std "
         "(ddof=1) over the folds.",
     )
     p.add_argument("artifact", metavar="ART", type=Path, help="encoder artifact directory")

@@ -275,11 +275,16 @@ def _normalize(xyz: np.ndarray) -> tuple[np.ndarray, list[float], float]:
     return np.asarray(out, dtype=np.float32), [float(c) for c in np.ravel(center)], float(scale)
 
 
+FPS_BATCH_POINTS = 32768
+"""Points per batched FPS loop: larger batches stop fitting in cache and get slower per cloud."""
+
+
 def fps_orders(clouds: Sequence[np.ndarray], n: int | None = None) -> list[np.ndarray]:
-    """Farthest-point orders of several clouds, batching clouds of equal size into one vectorised loop.
+    """Farthest-point orders of several clouds, batching clouds of equal size into vectorised loops.
 
     Always goes through :func:`datapipes.geometry.fps_order_batch`, whose per-cloud result does not depend
-    on the batch it is in, so any grouping of items (engine, worker, chunk) gives the same orders.
+    on the batch it is in, so any grouping of items (engine, worker, chunk) gives the same orders. Batches
+    hold up to :data:`FPS_BATCH_POINTS` points (at least one cloud).
 
     Args:
         clouds: ``(N_i, 3)`` float32 point sets.
@@ -294,11 +299,14 @@ def fps_orders(clouds: Sequence[np.ndarray], n: int | None = None) -> list[np.nd
     groups: dict[int, list[int]] = {}
     for i, xyz in enumerate(clouds):
         groups.setdefault(len(xyz), []).append(i)
-    for members in groups.values():
-        batch = np.stack([np.asarray(clouds[i], dtype=np.float32) for i in members])
-        orders = np.asarray(fps_order_batch(batch, n), dtype=np.int64)
-        for row, i in enumerate(members):
-            out[i] = orders[row]
+    for size, members in groups.items():
+        step = max(1, FPS_BATCH_POINTS // max(size, 1))
+        for start in range(0, len(members), step):
+            part = members[start : start + step]
+            batch = np.stack([np.asarray(clouds[i], dtype=np.float32) for i in part])
+            orders = np.asarray(fps_order_batch(batch, n), dtype=np.int64)
+            for row, i in enumerate(part):
+                out[i] = orders[row]
     return [o for o in out if o is not None]
 
 

@@ -6,7 +6,13 @@ import datasets
 import numpy as np
 import pytest
 
-from tests.datapipes._convert_helpers import convert_cli, read_split, rejected_by_source, sorted_rows, unit_sphere
+from tests.datapipes._convert_helpers import (
+    convert_cli,
+    read_split,
+    rejected_by_source,
+    sorted_rows,
+    unit_sphere,
+)
 
 
 def _rows(rng: np.random.Generator, n: int) -> list[np.ndarray]:

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from datapipes.converters.h5 import SCANOBJECTNN_CLASSES
-from tests.datapipes._convert_helpers import convert_cli, read_split, rejected_by_source, sorted_rows, unit_sphere
+from tests.datapipes._convert_helpers import (
+    convert_cli,
+    read_split,
+    rejected_by_source,
+    sorted_rows,
+    unit_sphere,
+)
 
 
 def _xyzn(rng: np.random.Generator, n: int) -> np.ndarray:

@@ -97,7 +97,7 @@ def test_resume_after_failure_matches_uninterrupted_run(
 def test_resume_after_kill(mesh_src: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ("--points", "1024", "--shard-size", "1", "--normals")  # slow enough per item to be killed mid-way
-    code = "import sys; from tests.datapipes._convert_helpers import cli_main; sys.exit(cli_main(sys.argv[1:]))"
+    code = "import sys; from tests.datapipes._convert_helpers import cli_main as m; sys.exit(m(sys.argv[1:]))"
     cmd = [sys.executable, "-c", code, "convert", "modelnet-off", str(mesh_src), str(out), "--quiet", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

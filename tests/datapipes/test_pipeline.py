@@ -198,3 +198,17 @@ def test_argument_validation(tiny):
         make_train_pipeline([], batch_size=2)
     with pytest.raises(ValueError, match="point_features"):
         make_train_pipeline(paths, batch_size=2, point_features=("rgb",), rank=0, world_size=1)
+
+
+def test_seeded_shuffle_is_a_deterministic_permutation():
+    from datapipes.pipeline import StreamState, _seeded_shuffle
+
+    state = StreamState(seed=3, rank=0, world_size=1)
+    out = list(_seeded_shuffle(range(500), state=state, bufsize=64))
+    assert sorted(out) == list(range(500))  # nothing lost or repeated
+    assert out != list(range(500))
+    assert out == list(_seeded_shuffle(range(500), state=state, bufsize=64))
+    state.epoch = 1
+    assert out != list(_seeded_shuffle(range(500), state=state, bufsize=64))
+    # an item can move at most about bufsize positions earlier than its input position
+    assert all(pos >= item - 2 * 64 for pos, item in enumerate(out))

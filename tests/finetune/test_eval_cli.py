@@ -229,7 +229,7 @@ def test_tampered_episodes_are_rejected(workspace, capsys, tmp_path):
 
 
 def test_data_normalization_from_manifest():
-    from finetune.eval_cli import _data_normalization
+    from finetune.data import manifest_normalization as _data_normalization
 
     assert _data_normalization({"source": {"normalization": "unit_sphere"}}) == "unit_sphere"
     assert _data_normalization({"source": {"normalize": True}}) == "unit_sphere"

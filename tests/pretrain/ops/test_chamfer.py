@@ -19,7 +19,7 @@ def slow_nearest(a: torch.Tensor, b: torch.Tensor) -> tuple[list, list]:
         ds, js = [], []
         for p in pa:
             dists = [sum((p[c] - q[c]) ** 2 for c in range(len(p))) for q in pb]
-            j = min(range(len(pb)), key=lambda j, dists=dists: (dists[j], j))
+            j = min(range(len(pb)), key=lambda j: (dists[j], j))
             ds.append(dists[j])
             js.append(j)
         out_d.append(ds)

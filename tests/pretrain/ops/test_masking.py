@@ -103,7 +103,7 @@ def test_block_mask_property_counts_and_nearest(batch: int, num_groups: int, rat
 def test_block_mask_picked_centre_comes_first_among_duplicates() -> None:
     centers = torch.zeros(1, 6, 3)  # all coincide
     mask = block_group_mask(centers, 1 / 6, generator=torch.Generator().manual_seed(0))
-    picked = torch.randint(6, (1,), generator=torch.Generator().manual_seed(0)).item()
+    picked = int(torch.randint(6, (1,), generator=torch.Generator().manual_seed(0)).item())
     assert mask.sum() == 1
     assert mask[0, picked]
 

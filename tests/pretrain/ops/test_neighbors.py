@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pytest
 import torch
 
 from pretrain.ops.neighbors import knn, pairwise_sqdist
 from tests.pretrain.ops.reference import slow_knn, slow_sqdist
+
+Backend = Literal["torch", "faiss"]
 
 
 def lattice(seed: int, batch: int, n: int) -> np.ndarray:
@@ -30,6 +34,8 @@ def test_pairwise_sqdist_matches_loops(channels: int) -> None:
         np.testing.assert_array_equal(got, want)
     else:
         np.testing.assert_allclose(got, want, rtol=1e-6)
+    with_grad = pairwise_sqdist(torch.from_numpy(a).requires_grad_(True), torch.from_numpy(b))
+    np.testing.assert_array_equal(with_grad.detach().numpy(), got)  # autograd path: same values
 
 
 def test_pairwise_sqdist_self_distance_is_exactly_zero_beyond_cdist_threshold() -> None:
@@ -48,7 +54,7 @@ def test_pairwise_sqdist_is_differentiable() -> None:
 
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
 @pytest.mark.parametrize("chunk_size", [None, 1, 4])
-def test_knn_matches_brute_force(backend: str, chunk_size: int | None) -> None:
+def test_knn_matches_brute_force(backend: Backend, chunk_size: int | None) -> None:
     rng = np.random.default_rng(0)
     query = rng.standard_normal((3, 10, 3)).astype(np.float32)
     ref = rng.standard_normal((3, 40, 3)).astype(np.float32)
@@ -62,7 +68,7 @@ def test_knn_matches_brute_force(backend: str, chunk_size: int | None) -> None:
 
 
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
-def test_query_in_ref_is_its_own_first_neighbour_at_distance_zero(backend: str) -> None:
+def test_query_in_ref_is_its_own_first_neighbour_at_distance_zero(backend: Backend) -> None:
     ref = torch.randn(2, 200, 3) * 5 + 3
     picked = torch.tensor([[0, 17, 199, 50], [3, 3, 100, 42]])
     query = torch.gather(ref, 1, picked.unsqueeze(-1).expand(-1, -1, 3))
@@ -92,7 +98,7 @@ def test_faiss_orders_ties_by_index() -> None:
 
 
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
-def test_float64_input_gives_float64_distances(backend: str) -> None:
+def test_float64_input_gives_float64_distances(backend: Backend) -> None:
     rng = np.random.default_rng(5)
     query, ref = rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 25, 3))
     dist, idx = knn(torch.from_numpy(query), torch.from_numpy(ref), 4, backend=backend)
@@ -147,7 +153,7 @@ def test_mixed_dtypes_raise_value_error() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
-def test_cuda_matches_cpu(backend: str) -> None:
+def test_cuda_matches_cpu(backend: Backend) -> None:
     query, ref = torch.randn(2, 64, 3), torch.randn(2, 1024, 3)
     cpu = knn(query, ref, 16, backend=backend)
     gpu = knn(query.cuda(), ref.cuda(), 16, backend=backend)
