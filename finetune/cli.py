@@ -11,12 +11,23 @@ argparse-based ones add a handler to :data:`COMMANDS` and a subparser in :func:`
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, TypeVar
 
+import numpy as np
+
+from datapipes.cli_common import (
+    CliParser,
+    Handler,
+    Passthrough,
+    dispatch,
+    positive_int,
+    print_json,
+    resolve_device,
+)
 from datapipes.errors import UserError, run_cli
 from finetune.eval_cli import add_fewshot_parser, add_probe_parser
 
@@ -24,62 +35,53 @@ __all__ = ["COMMANDS", "PASSTHROUGH", "PROG", "CliParser", "build_parser", "main
 
 PROG = "pcpt-finetune"
 
-Handler = Callable[[argparse.Namespace], int]
+ModelT = TypeVar("ModelT")
 
 
-class CliParser(argparse.ArgumentParser):
-    """ArgumentParser whose errors become one-line :class:`UserError` messages (exit status 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UserError(f"{message} (see '{self.prog} --help')")
-
-
-def positive_int(text: str) -> int:
-    """Parses an integer >= 1 (an argparse ``type``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _resolve_device(name: str) -> str:
-    if name == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: CUDA is not available on this machine (use --device cpu)")
-    return name
-
-
-def _normalize_flag(args: argparse.Namespace, contract: dict[str, object]) -> bool:
-    return bool(
-        args.normalize == "unit_sphere"
-        or (args.normalize == "contract" and contract.get("normalization") == "unit_sphere")
-    )
-
-
-def _cmd_tokenize(args: argparse.Namespace, device: str) -> int:
-    """``embed`` with a dVAE tokenizer artifact: token ids (B, G) and centres (B, G, 3)."""
-    from finetune.embed import load_clouds, tokenize_clouds, write_features
+def _load_artifact(
+    loader: Callable[[Path], tuple[ModelT, dict[str, Any]]], path: Path
+) -> tuple[ModelT, dict[str, Any]]:
+    """Runs an artifact loader, turning weights that do not fit the spec into a :class:`UserError`."""
     from pretrain.checkpoint import WeightsMismatchError
-    from pretrain.tokenizers import load_tokenizer
 
     try:
-        tokenizer, meta = load_tokenizer(args.artifact)
+        return loader(path)
     except WeightsMismatchError as err:
         raise UserError(str(err)) from err
-    spec = tokenizer.spec
-    clouds = load_clouds(args.input, min_points=max(spec.num_groups, spec.group_size))
-    normalize = _normalize_flag(args, meta.get("data_contract", {}))
-    features = tokenize_clouds(
-        tokenizer,
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    """``embed``: features of an encoder artifact, or token ids (B, G) of a dVAE tokenizer artifact."""
+    from finetune.embed import embed_clouds, load_clouds, tokenize_clouds, write_features
+    from pretrain.checkpoint import load_encoder, read_artifact_meta
+    from pretrain.tokenizers import TOKENIZER_KIND, load_tokenizer
+
+    device = resolve_device(args.device)
+    run: Callable[..., dict[str, np.ndarray]]
+    if read_artifact_meta(args.artifact).get("kind") == TOKENIZER_KIND:
+        tokenizer, meta = _load_artifact(load_tokenizer, args.artifact)
+        min_points = max(tokenizer.spec.num_groups, tokenizer.spec.group_size)
+        run = partial(tokenize_clouds, tokenizer)
+        trained_points = None  # the point-count note is about encoders
+        extra: dict[str, Any] = {"kind": meta["kind"], "codebook_size": tokenizer.spec.codebook_size}
+    else:
+        encoder, meta = _load_artifact(load_encoder, args.artifact)
+        min_points = max(encoder.spec.num_groups, encoder.spec.group_size)
+        run = partial(embed_clouds, encoder)
+        trained_points = meta.get("data_contract", {}).get("num_points")
+        extra = {"pooled": "concat[cls, max]" if encoder.spec.cls_token else "concat[max, mean]"}
+    clouds = load_clouds(args.input, min_points=min_points)
+    contract = meta.get("data_contract", {})
+    normalize = args.normalize == "unit_sphere" or (
+        args.normalize == "contract" and contract.get("normalization") == "unit_sphere"
+    )
+    if trained_points and clouds.shape[1] != trained_points and not args.quiet:
+        print(
+            f"{PROG}: note: clouds have {clouds.shape[1]} points; "
+            f"the encoder was trained on {trained_points}",
+            file=sys.stderr,
+        )
+    features = run(
         clouds,
         batch_size=args.batch_size,
         device=device,
@@ -91,69 +93,15 @@ def _cmd_tokenize(args: argparse.Namespace, device: str) -> int:
     if args.json:
         summary = {
             "artifact": str(args.artifact),
-            "kind": meta["kind"],
             "input": str(args.input),
             "out": str(out),
             "num_clouds": int(clouds.shape[0]),
             "num_points": int(clouds.shape[1]),
             "normalized": normalize,
-            "codebook_size": spec.codebook_size,
             "shapes": {name: list(array.shape) for name, array in features.items()},
+            **extra,
         }
-        print(json.dumps(summary, indent=2, sort_keys=True))
-    else:
-        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in features.items())
-        print(f"wrote {out}: {shapes}")
-    return 0
-
-
-def _cmd_embed(args: argparse.Namespace) -> int:
-    from finetune.embed import embed_clouds, load_clouds, write_features
-    from pretrain.checkpoint import WeightsMismatchError, load_encoder, read_artifact_meta
-    from pretrain.tokenizers import TOKENIZER_KIND
-
-    device = _resolve_device(args.device)
-    if read_artifact_meta(args.artifact).get("kind") == TOKENIZER_KIND:
-        return _cmd_tokenize(args, device)
-    try:
-        encoder, meta = load_encoder(args.artifact)
-    except WeightsMismatchError as err:
-        raise UserError(str(err)) from err
-    spec = encoder.spec
-    clouds = load_clouds(args.input, min_points=max(spec.num_groups, spec.group_size))
-    contract = meta.get("data_contract", {})
-    normalize = args.normalize == "unit_sphere" or (
-        args.normalize == "contract" and contract.get("normalization") == "unit_sphere"
-    )
-    expected_points = contract.get("num_points")
-    if expected_points and clouds.shape[1] != expected_points and not args.quiet:
-        print(
-            f"{PROG}: note: clouds have {clouds.shape[1]} points; "
-            f"the encoder was trained on {expected_points}",
-            file=sys.stderr,
-        )
-    features = embed_clouds(
-        encoder,
-        clouds,
-        batch_size=args.batch_size,
-        device=device,
-        normalize=normalize,
-        seed=args.seed,
-        progress=not args.quiet,
-    )
-    out = write_features(args.out, features)
-    summary = {
-        "artifact": str(args.artifact),
-        "input": str(args.input),
-        "out": str(out),
-        "num_clouds": int(clouds.shape[0]),
-        "num_points": int(clouds.shape[1]),
-        "normalized": normalize,
-        "shapes": {name: list(array.shape) for name, array in features.items()},
-        "pooled": "concat[cls, max]" if spec.cls_token else "concat[max, mean]",
-    }
-    if args.json:
-        print(json.dumps(summary, indent=2, sort_keys=True))
+        print_json(summary)
     else:
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in features.items())
         print(f"wrote {out}: {shapes}")
@@ -171,7 +119,7 @@ def _fit(argv: list[str]) -> int:
     return run_lightning_cli(["fit", *argv])
 
 
-PASSTHROUGH: dict[str, Callable[[list[str]], int]] = {"fit": _fit}
+PASSTHROUGH: dict[str, Passthrough] = {"fit": _fit}
 
 
 def build_parser() -> CliParser:
@@ -228,15 +176,7 @@ def build_parser() -> CliParser:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in PASSTHROUGH:
-        return PASSTHROUGH[args[0]](args[1:])
-    try:
-        namespace = build_parser().parse_args(args)
-    except SystemExit as exit_:  # --help
-        return exit_.code if isinstance(exit_.code, int) else 0
-    handler: Handler = namespace.handler
-    return handler(namespace)
+    return dispatch(argv, build_parser, PASSTHROUGH)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -119,27 +120,27 @@ def embed_clouds(
     Raises:
         UserError: non-finite coordinates (the message names the first bad cloud).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    encoder = encoder.to(device).eval()
-    generator = torch.Generator().manual_seed(seed)
-    total = clouds.shape[0]
-    starts = range(0, total, batch_size)
-    outputs: dict[str, list[np.ndarray]] = {"tokens": [], "centers": [], "pooled": []}
-    bar = tqdm(starts, desc="embed", unit="batch", disable=not progress or len(starts) <= 1)
-    for start in bar:
-        chunk = np.array(clouds[start : start + batch_size], dtype=np.float32)  # a writable copy
-        if not np.isfinite(chunk).all():
-            bad = start + int(np.flatnonzero(~np.isfinite(chunk).all(axis=(1, 2)))[0])
-            raise UserError(f"cloud {bad} has non-finite coordinates")
-        xyz = torch.from_numpy(chunk).to(device)
-        if normalize:
-            xyz = normalize_unit_sphere(xyz)
+
+    def step(xyz: torch.Tensor, generator: torch.Generator) -> dict[str, np.ndarray]:
         out = encoder.encode(xyz, generator=generator)
-        outputs["tokens"].append(out.tokens.float().cpu().numpy())
-        outputs["centers"].append(out.centers.float().cpu().numpy())
-        outputs["pooled"].append(encoder.pool(out).float().cpu().numpy())
-    return {name: np.concatenate(parts, axis=0) for name, parts in outputs.items()}
+        return {
+            "tokens": out.tokens.float().cpu().numpy(),
+            "centers": out.centers.float().cpu().numpy(),
+            "pooled": encoder.pool(out).float().cpu().numpy(),
+        }
+
+    return _map_batches(
+        encoder,
+        step,
+        ("tokens", "centers", "pooled"),
+        clouds,
+        batch_size=batch_size,
+        device=device,
+        normalize=normalize,
+        seed=seed,
+        desc="embed",
+        progress=progress,
+    )
 
 
 @torch.no_grad()
@@ -170,23 +171,79 @@ def tokenize_clouds(
     Raises:
         UserError: non-finite coordinates (the message names the first bad cloud).
     """
+
+    def step(xyz: torch.Tensor, generator: torch.Generator) -> dict[str, np.ndarray]:
+        groups, ids = tokenizer.tokenize(xyz, generator=generator)
+        return {
+            "token_ids": ids.cpu().numpy().astype(np.int64),
+            "centers": groups.centers.float().cpu().numpy(),
+        }
+
+    return _map_batches(
+        tokenizer,
+        step,
+        ("token_ids", "centers"),
+        clouds,
+        batch_size=batch_size,
+        device=device,
+        normalize=normalize,
+        seed=seed,
+        desc="tokenize",
+        progress=progress,
+    )
+
+
+def _map_batches(
+    model: torch.nn.Module,
+    step: Callable[[torch.Tensor, torch.Generator], dict[str, np.ndarray]],
+    names: tuple[str, ...],
+    clouds: np.ndarray,
+    *,
+    batch_size: int,
+    device: str | torch.device,
+    normalize: bool,
+    seed: int,
+    desc: str,
+    progress: bool,
+) -> dict[str, np.ndarray]:
+    """Runs ``step`` over batches of clouds and concatenates its outputs along the batch axis.
+
+    Args:
+        model: moved to ``device`` and switched to eval mode (in place) before the first batch.
+        step: (xyz (b, N, 3) on ``device``, generator) -> arrays named ``names``, each with b rows.
+        names: the arrays ``step`` returns.
+        clouds: float array (B, N, 3); each batch is copied to float32 and checked for non-finite values.
+        batch_size: clouds per batch.
+        device: where to run.
+        normalize: unit-sphere normalise each cloud first.
+        seed: seed of the one generator passed to every ``step`` (random FPS starts).
+        desc: progress bar label.
+        progress: show a progress bar when there is more than one batch.
+
+    Returns:
+        ``names`` -> array with B rows.
+
+    Raises:
+        ValueError: ``batch_size < 1``.
+        UserError: non-finite coordinates (the message names the first bad cloud).
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    tokenizer = tokenizer.to(device).eval()
+    model.to(device).eval()
     generator = torch.Generator().manual_seed(seed)
     starts = range(0, clouds.shape[0], batch_size)
-    outputs: dict[str, list[np.ndarray]] = {"token_ids": [], "centers": []}
-    for start in tqdm(starts, desc="tokenize", unit="batch", disable=not progress or len(starts) <= 1):
-        chunk = np.array(clouds[start : start + batch_size], dtype=np.float32)
+    outputs: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress or len(starts) <= 1):
+        chunk = np.array(clouds[start : start + batch_size], dtype=np.float32)  # a writable copy
         if not np.isfinite(chunk).all():
             bad = start + int(np.flatnonzero(~np.isfinite(chunk).all(axis=(1, 2)))[0])
             raise UserError(f"cloud {bad} has non-finite coordinates")
         xyz = torch.from_numpy(chunk).to(device)
         if normalize:
             xyz = normalize_unit_sphere(xyz)
-        groups, ids = tokenizer.tokenize(xyz, generator=generator)
-        outputs["token_ids"].append(ids.cpu().numpy().astype(np.int64))
-        outputs["centers"].append(groups.centers.float().cpu().numpy())
+        arrays = step(xyz, generator)
+        for name in names:
+            outputs[name].append(arrays[name])
     return {name: np.concatenate(parts, axis=0) for name, parts in outputs.items()}
 
 

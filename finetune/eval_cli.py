@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from datapipes.cli_common import positive_int, print_json, resolve_device
 from datapipes.errors import UserError
 
 __all__ = [
@@ -35,16 +35,6 @@ PROG = "pcpt-finetune"
 
 
 # ------------------------------------------------------------------------------------------ argparse types
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _fraction(text: str) -> float:
@@ -67,6 +57,31 @@ def _c_grid(text: str) -> tuple[float, ...]:
     return values
 
 
+def _add_source_arguments(p: argparse.ArgumentParser) -> None:
+    """``ART`` and ``--data OUT``, the inputs of every evaluation subcommand."""
+    p.add_argument("artifact", metavar="ART", type=Path, help="encoder artifact directory")
+    p.add_argument(
+        "--data", required=True, type=Path, metavar="OUT", help="shard directory (with manifest.json)"
+    )
+
+
+def _add_num_points_argument(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--num-points", type=positive_int, default=None, metavar="N", help=help_text)
+
+
+def _add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """``--batch-size`` and ``--device`` of the feature extraction."""
+    p.add_argument(
+        "--batch-size", type=positive_int, default=64, help="clouds per forward (default: %(default)s)"
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to run (default: %(default)s)",
+    )
+
+
 # ------------------------------------------------------------------------------------------ shared loading
 
 
@@ -79,16 +94,6 @@ class _Loaded:
     num_points: int
     device: str
     warnings: list[str]
-
-
-def _resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: CUDA is not available on this machine (use --device cpu)")
-    return name
 
 
 def _load_common(args: argparse.Namespace) -> _Loaded:
@@ -133,7 +138,7 @@ def _load_common(args: argparse.Namespace) -> _Loaded:
             "not an FPS subsample"
         )
     return _Loaded(
-        encoder, meta, manifest, manifest_sha256, num_points, _resolve_device(args.device), warnings
+        encoder, meta, manifest, manifest_sha256, num_points, resolve_device(args.device), warnings
     )
 
 
@@ -182,9 +187,17 @@ def _table(rows: Sequence[tuple[str, str]]) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
-def _method_of(meta: Mapping[str, Any]) -> str:
-    provenance = meta.get("provenance") or {}
-    return str(provenance.get("method") or "unknown")
+def _report_header(command: str, args: argparse.Namespace, loaded: _Loaded) -> dict[str, Any]:
+    """The fields every evaluation report starts with: the command, the encoder and the data evaluated."""
+    provenance = loaded.meta.get("provenance") or {}
+    return {
+        "command": command,
+        "artifact": str(args.artifact),
+        "method": str(provenance.get("method") or "unknown"),
+        "data": str(args.data),
+        "manifest_sha256": loaded.manifest_sha256,
+        "num_points": loaded.num_points,
+    }
 
 
 # --------------------------------------------------------------------------------------------------- probe
@@ -216,12 +229,7 @@ def run_probe_command(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UserError(f"{args.method} probe: {err}") from err
     report = {
-        "command": "probe",
-        "artifact": str(args.artifact),
-        "method": _method_of(loaded.meta),
-        "data": str(args.data),
-        "manifest_sha256": loaded.manifest_sha256,
-        "num_points": loaded.num_points,
+        **_report_header("probe", args, loaded),
         "train_split": args.train_split,
         "test_split": args.test_split,
         "feature_dim": int(train_x.shape[1]),
@@ -229,7 +237,7 @@ def run_probe_command(args: argparse.Namespace) -> int:
         **result.to_dict(),
     }
     if args.json:
-        print(json.dumps(report, indent=2, sort_keys=True))
+        print_json(report)
         return 0
     rows = [
         ("protocol", f"{result.protocol} probe on frozen pooled features ({report['feature_dim']}-d)"),
@@ -264,32 +272,17 @@ def add_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
         "nothing is tuned. The report states the protocol, the selection split and the single-pass test "
         "accuracy.",
     )
-    p.add_argument("artifact", metavar="ART", type=Path, help="encoder artifact directory")
-    p.add_argument(
-        "--data", required=True, type=Path, metavar="OUT", help="shard directory (with manifest.json)"
-    )
+    _add_source_arguments(p)
     p.add_argument("--method", choices=("svm", "knn"), default="svm", help="probe (default: %(default)s)")
-    p.add_argument(
-        "--num-points",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="points per cloud (first N of the FPS-ordered points; default: the artifact's data contract)",
+    _add_num_points_argument(
+        p, "points per cloud (first N of the FPS-ordered points; default: the artifact's data contract)"
     )
     p.add_argument(
         "--train-split", default="train", help="split the probe is fitted on (default: %(default)s)"
     )
     p.add_argument("--test-split", default="test", help="split reported once (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split and the SVM solver")
-    p.add_argument(
-        "--batch-size", type=_positive_int, default=64, help="clouds per forward (default: %(default)s)"
-    )
-    p.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where to run (default: %(default)s)",
-    )
+    _add_runtime_arguments(p)
     p.add_argument(
         "--c-grid",
         type=_c_grid,
@@ -303,7 +296,7 @@ def add_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=0.2,
         help="fraction of each train class held out to choose C (default: %(default)s)",
     )
-    p.add_argument("--k", type=_positive_int, default=20, help="kNN neighbours (default: %(default)s)")
+    p.add_argument("--k", type=positive_int, default=20, help="kNN neighbours (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=run_probe_command, func=run_probe_command)
     return p
@@ -413,12 +406,7 @@ def _report_fewshot(
     args: argparse.Namespace, loaded: _Loaded, episodes: Any, result: Any, warnings: Sequence[str]
 ) -> int:
     report = {
-        "command": "fewshot",
-        "artifact": str(args.artifact),
-        "method": _method_of(loaded.meta),
-        "data": str(args.data),
-        "manifest_sha256": loaded.manifest_sha256,
-        "num_points": loaded.num_points,
+        **_report_header("fewshot", args, loaded),
         "episodes_file": None if args.episodes is None else str(args.episodes),
         "episodes_written": None if args.write_episodes is None else str(args.write_episodes),
         "warnings": list(warnings),
@@ -426,7 +414,7 @@ def _report_fewshot(
         **result.to_dict(),
     }
     if args.json:
-        print(json.dumps(report, indent=2, sort_keys=True))
+        print_json(report)
         return 0
     if result.protocol == "finetune":
         protocol = f"finetune: full finetuning per fold, {result.params}"
@@ -468,14 +456,11 @@ def add_fewshot_parser(subparsers: Any) -> argparse.ArgumentParser:
         "sample std "
         "(ddof=1) over the folds.",
     )
-    p.add_argument("artifact", metavar="ART", type=Path, help="encoder artifact directory")
-    p.add_argument(
-        "--data", required=True, type=Path, metavar="OUT", help="shard directory (with manifest.json)"
-    )
-    p.add_argument("--way", type=_positive_int, default=None, metavar="W", help="classes per episode")
-    p.add_argument("--shot", type=_positive_int, default=None, metavar="S", help="support clouds per class")
-    p.add_argument("--query", type=_positive_int, default=None, help="query clouds per class (default: 20)")
-    p.add_argument("--folds", type=_positive_int, default=None, help="number of episodes (default: 10)")
+    _add_source_arguments(p)
+    p.add_argument("--way", type=positive_int, default=None, metavar="W", help="classes per episode")
+    p.add_argument("--shot", type=positive_int, default=None, metavar="S", help="support clouds per class")
+    p.add_argument("--query", type=positive_int, default=None, help="query clouds per class (default: 20)")
+    p.add_argument("--folds", type=positive_int, default=None, help="number of episodes (default: 10)")
     p.add_argument("--seed", type=int, default=0, help="episode seed (default: %(default)s)")
     p.add_argument("--episodes", type=Path, default=None, metavar="FILE", help="read episodes from this file")
     p.add_argument("--write-episodes", type=Path, default=None, metavar="FILE", help="save the episodes used")
@@ -488,7 +473,7 @@ def add_fewshot_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--epochs",
-        type=_positive_int,
+        type=positive_int,
         default=150,
         help="training epochs per fold for --protocol finetune (default: %(default)s)",
     )
@@ -500,22 +485,8 @@ def add_fewshot_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--train-split", default="train", help="support split (default: %(default)s)")
     p.add_argument("--test-split", default="test", help="query split (default: %(default)s)")
-    p.add_argument(
-        "--num-points",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="points per cloud (default: the artifact's data contract)",
-    )
-    p.add_argument(
-        "--batch-size", type=_positive_int, default=64, help="clouds per forward (default: %(default)s)"
-    )
-    p.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where to run (default: %(default)s)",
-    )
+    _add_num_points_argument(p, "points per cloud (default: the artifact's data contract)")
+    _add_runtime_arguments(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=run_fewshot_command, func=run_fewshot_command)
     return p

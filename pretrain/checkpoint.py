@@ -20,10 +20,10 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -43,13 +43,17 @@ __all__ = [
     "export_from_lightning_ckpt",
     "git_sha",
     "lightning_ckpt_meta",
+    "lightning_ckpt_provenance",
     "load_artifact_tensors",
     "load_encoder",
     "load_state_strict",
     "make_provenance",
+    "module_from_lightning_ckpt",
     "read_artifact_meta",
+    "read_lightning_ckpt",
     "save_artifact",
     "save_encoder",
+    "save_module_artifact",
 ]
 
 ARTIFACT_FORMAT = "pcpt-encoder/1"
@@ -58,6 +62,9 @@ META_FILE = "encoder.json"
 #: key under which pcpt LightningModules store plain-data metadata in their checkpoints.
 CKPT_META_KEY = "pcpt"
 _PROVENANCE_KEYS = ("method", "step", "epoch", "git_sha", "config_sha256", "data_manifest_sha256")
+
+SpecT = TypeVar("SpecT")
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 
 class ArtifactError(UserError, ValueError):
@@ -240,6 +247,52 @@ def load_artifact_tensors(
 # --------------------------------------------------------------------------------------- encoder artifacts
 
 
+def save_module_artifact(
+    out_dir: str | Path,
+    module: torch.nn.Module,
+    *,
+    kind: str,
+    spec: Mapping[str, Any],
+    data: DataContract,
+    provenance: Mapping[str, Any],
+    extra_tensors: Mapping[str, Tensor] | None = None,
+) -> Path:
+    """Writes a module rebuilt from its spec alone (an encoder, a tokenizer, ...) as an artifact, atomically.
+
+    Args:
+        out_dir: destination directory (an existing artifact there is replaced).
+        module: the module; its full ``state_dict`` (BatchNorm buffers included) is stored.
+        kind: artifact kind, e.g. ``"point_encoder"``.
+        spec: plain-data architecture the module is rebuilt from (``meta["spec"]``).
+        data: the data contract the module was trained with.
+        provenance: method, step, epoch, ...; completed by :func:`make_provenance`.
+        extra_tensors: more tensors stored alongside (names must not clash with the module's keys); their
+            names are listed in ``meta["extra_tensors"]``.
+
+    Returns:
+        ``out_dir`` as a Path. ``num_params`` in the metadata counts parameters (not buffers).
+
+    Raises:
+        ValueError: ``extra_tensors`` names that clash with the module's weights (see also
+            :func:`save_artifact`).
+    """
+    state = dict(module.state_dict())
+    extra = dict(extra_tensors or {})
+    clash = sorted(set(extra) & set(state))
+    if clash:
+        raise ValueError(f"extra_tensors names clash with encoder weights: {clash}")
+    meta = {
+        "kind": kind,
+        "spec": dict(spec),
+        "data_contract": data.to_dict(),
+        "provenance": make_provenance(provenance),
+        "num_params": sum(p.numel() for p in module.parameters()),
+    }
+    if extra:
+        meta["extra_tensors"] = sorted(extra)
+    return save_artifact(out_dir, {**state, **extra}, meta)
+
+
 def save_encoder(
     out_dir: str | Path,
     encoder: PointEncoder,
@@ -263,21 +316,15 @@ def save_encoder(
     Returns:
         ``out_dir`` as a Path. ``num_params`` in the metadata counts parameters (not buffers).
     """
-    state = dict(encoder.state_dict())
-    extra = dict(extra_tensors or {})
-    clash = sorted(set(extra) & set(state))
-    if clash:
-        raise ValueError(f"extra_tensors names clash with encoder weights: {clash}")
-    meta = {
-        "kind": kind,
-        "spec": encoder.spec.to_dict(),
-        "data_contract": data.to_dict(),
-        "provenance": make_provenance(provenance),
-        "num_params": sum(p.numel() for p in encoder.parameters()),
-    }
-    if extra:
-        meta["extra_tensors"] = sorted(extra)
-    return save_artifact(out_dir, {**state, **extra}, meta)
+    return save_module_artifact(
+        out_dir,
+        encoder,
+        kind=kind,
+        spec=encoder.spec.to_dict(),
+        data=data,
+        provenance=provenance,
+        extra_tensors=extra_tensors,
+    )
 
 
 def load_encoder(
@@ -370,6 +417,87 @@ def lightning_ckpt_meta(
     }
 
 
+def read_lightning_ckpt(ckpt_path: str | Path) -> tuple[Path, Any]:
+    """Reads a Lightning checkpoint with ``torch.load(weights_only=True)`` onto the CPU.
+
+    Returns:
+        (the path, the loaded object; the caller checks that it is a pcpt checkpoint of the kind it wants).
+
+    Raises:
+        ArtifactError: no such file, or a file ``weights_only`` loading cannot read.
+    """
+    src = Path(ckpt_path)
+    if not src.is_file():
+        raise ArtifactError(f"{src}: no such checkpoint file")
+    try:
+        ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors all mean "cannot read this file"
+        raise ArtifactError(f"{src}: cannot read checkpoint with weights_only=True: {err}") from err
+    return src, ckpt
+
+
+def module_from_lightning_ckpt(
+    src: Path,
+    ckpt: Mapping[str, Any],
+    *,
+    spec_key: str,
+    parse_spec: Callable[[Any], SpecT],
+    build: Callable[[SpecT], ModuleT],
+    default_prefix: str,
+) -> tuple[ModuleT, DataContract]:
+    """Rebuilds the exported module of a pcpt Lightning checkpoint and loads its weights strictly.
+
+    Args:
+        src: the checkpoint file (named in messages).
+        ckpt: the loaded checkpoint, with ``ckpt["pcpt"]`` (see :func:`lightning_ckpt_meta`).
+        spec_key: key of the module's spec in ``ckpt["pcpt"]`` (``encoder_spec``, ``tokenizer_spec``).
+        parse_spec: plain data -> spec (raises KeyError, TypeError or ValueError when invalid).
+        build: spec -> freshly initialised module.
+        default_prefix: prefix of the module's weights in ``state_dict`` when the metadata names none.
+
+    Returns:
+        (the module with the checkpoint's weights, the data contract stored with it).
+
+    Raises:
+        ArtifactError: no weights under the prefix, or invalid metadata.
+        RuntimeError: weights that do not fit the stored spec.
+    """
+    info = ckpt[CKPT_META_KEY]
+    prefix = str(info.get("encoder_prefix", default_prefix))
+    state = {k[len(prefix) :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)}
+    if not state:
+        raise ArtifactError(f"{src}: no weights under prefix {prefix!r} in the checkpoint's state_dict")
+    try:
+        spec = parse_spec(info[spec_key])
+        data = DataContract.from_dict(info.get("data_contract") or {})
+    except (KeyError, TypeError, ValueError) as err:
+        raise ArtifactError(f"{src}: invalid pcpt metadata: {err}") from err
+    module = build(spec)
+    load_state_strict(module, state, source=src)
+    return module, data
+
+
+def lightning_ckpt_provenance(
+    src: Path, ckpt: Mapping[str, Any], overrides: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Provenance of a module exported from a pcpt Lightning checkpoint.
+
+    ``step`` (``global_step``), ``epoch``, ``git_sha`` (of the current directory, best effort), the method
+    and the checksums stored in ``ckpt["pcpt"]``, and ``source``; ``overrides`` win.
+    """
+    info = ckpt[CKPT_META_KEY]
+    return {
+        "method": info.get("method"),
+        "step": ckpt.get("global_step"),
+        "epoch": ckpt.get("epoch"),
+        "git_sha": git_sha(),
+        "config_sha256": info.get("config_sha256"),
+        "data_manifest_sha256": info.get("data_manifest_sha256"),
+        "source": str(src),
+        **overrides,
+    }
+
+
 def export_from_lightning_ckpt(ckpt_path: str | Path, out_dir: str | Path, **provenance: Any) -> Path:
     """Writes the encoder of a pcpt Lightning checkpoint as an artifact.
 
@@ -389,40 +517,21 @@ def export_from_lightning_ckpt(ckpt_path: str | Path, out_dir: str | Path, **pro
         ArtifactError: unreadable file or not a pcpt checkpoint.
         RuntimeError: encoder weights that do not match the stored spec.
     """
-    src = Path(ckpt_path)
-    if not src.is_file():
-        raise ArtifactError(f"{src}: no such checkpoint file")
-    try:
-        ckpt = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and torch errors all mean "cannot read this file"
-        raise ArtifactError(f"{src}: cannot read checkpoint with weights_only=True: {err}") from err
+    src, ckpt = read_lightning_ckpt(ckpt_path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get(CKPT_META_KEY), dict):
         raise ArtifactError(f"{src}: not a pcpt Lightning checkpoint (no {CKPT_META_KEY!r} metadata)")
     if not isinstance(ckpt.get("state_dict"), dict):
         raise ArtifactError(f"{src}: checkpoint has no 'state_dict'")
-    info = ckpt[CKPT_META_KEY]
-    kind = info.get("kind", "point_encoder")
+    kind = ckpt[CKPT_META_KEY].get("kind", "point_encoder")
     if kind != "point_encoder":
         raise ArtifactError(f"{src}: export of kind {kind!r} is not supported here (only 'point_encoder')")
-    prefix = str(info.get("encoder_prefix", "encoder."))
-    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    if not state:
-        raise ArtifactError(f"{src}: no weights under prefix {prefix!r} in the checkpoint's state_dict")
-    try:
-        spec = EncoderSpec.from_dict(info["encoder_spec"])
-        data = DataContract.from_dict(info.get("data_contract") or {})
-    except (KeyError, TypeError, ValueError) as err:
-        raise ArtifactError(f"{src}: invalid pcpt metadata: {err}") from err
-    encoder = build_encoder(spec)
-    load_state_strict(encoder, state, source=src)
-    prov: dict[str, Any] = {
-        "method": info.get("method"),
-        "step": ckpt.get("global_step"),
-        "epoch": ckpt.get("epoch"),
-        "git_sha": git_sha(),
-        "config_sha256": info.get("config_sha256"),
-        "data_manifest_sha256": info.get("data_manifest_sha256"),
-        "source": str(src),
-    }
-    prov.update(provenance)
+    encoder, data = module_from_lightning_ckpt(
+        src,
+        ckpt,
+        spec_key="encoder_spec",
+        parse_spec=EncoderSpec.from_dict,
+        build=build_encoder,
+        default_prefix="encoder.",
+    )
+    prov = lightning_ckpt_provenance(src, ckpt, provenance)
     return save_encoder(out_dir, encoder, data=data, provenance=prov)

@@ -12,12 +12,12 @@ Subcommands that hand their arguments to another parser (LightningCLI ``fit``/``
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from datapipes.cli_common import CliParser, Handler, Passthrough, dispatch, positive_int, print_json
 from datapipes.errors import UserError, run_cli
 
 __all__ = ["COMMANDS", "PASSTHROUGH", "PROG", "CliParser", "build_parser", "dispatch", "main", "positive_int"]
@@ -25,30 +25,9 @@ __all__ = ["COMMANDS", "PASSTHROUGH", "PROG", "CliParser", "build_parser", "disp
 PROG = "pcpt-pretrain"
 
 
-class CliParser(argparse.ArgumentParser):
-    """ArgumentParser whose errors become one-line :class:`UserError` messages (exit status 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UserError(f"{message} (see '{self.prog} --help')")
-
-
-Handler = Callable[[argparse.Namespace], int]
-
-
-def positive_int(text: str) -> int:
-    """Parses an integer >= 1 (an argparse ``type``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        print(json.dumps(summary, indent=2, sort_keys=True))
+        print_json(summary)
         return
     spec = summary.get("spec", {})
     if summary.get("kind") == "dvae_tokenizer":
@@ -114,7 +93,7 @@ COMMANDS: dict[str, Handler] = {"export": _cmd_export, "import": _cmd_import}
 
 
 #: subcommands that receive the remaining argv untouched (e.g. ``fit`` -> LightningCLI).
-def _lightning(subcommand: str) -> Callable[[list[str]], int]:
+def _lightning(subcommand: str) -> Passthrough:
     def run(argv: list[str]) -> int:
         from pretrain.lightning_cli import run_lightning_cli  # heavy: Lightning + methods
 
@@ -123,7 +102,7 @@ def _lightning(subcommand: str) -> Callable[[list[str]], int]:
     return run
 
 
-PASSTHROUGH: dict[str, Callable[[list[str]], int]] = {
+PASSTHROUGH: dict[str, Passthrough] = {
     "fit": _lightning("fit"),
     "validate": _lightning("validate"),
 }
@@ -202,32 +181,6 @@ def build_parser() -> CliParser:
     p.add_argument("--json", action="store_true", help="print the artifact summary as JSON")
     p.set_defaults(handler=COMMANDS["import"])
     return parser
-
-
-def dispatch(
-    argv: Sequence[str] | None,
-    parser_factory: Callable[[], argparse.ArgumentParser],
-    passthrough: Mapping[str, Callable[[list[str]], int]],
-) -> int:
-    """Runs one subcommand: passthrough ones get the raw remaining argv, the others go through argparse.
-
-    Args:
-        argv: arguments without the program name; None reads ``sys.argv``.
-        parser_factory: builds the argparse parser; each subparser sets ``handler`` as its default.
-        passthrough: subcommand name -> function of the remaining arguments.
-
-    Returns:
-        The exit status.
-    """
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in passthrough:
-        return passthrough[args[0]](args[1:])
-    try:
-        namespace = parser_factory().parse_args(args)
-    except SystemExit as exit_:  # --help
-        return exit_.code if isinstance(exit_.code, int) else 0
-    handler: Handler = namespace.handler
-    return handler(namespace)
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -35,9 +35,9 @@ import torch
 from torch import Tensor
 
 from datapipes.errors import UserError
-from pretrain.checkpoint import git_sha, load_state_strict, read_artifact_meta, save_encoder
+from pretrain.checkpoint import git_sha, load_state_strict, read_artifact_meta, save_module_artifact
 from pretrain.encoders import DataContract, EncoderSpec, build_encoder
-from pretrain.tokenizers import TOKENIZER_KIND, DiscreteVAE, infer_dvae_spec, save_tokenizer
+from pretrain.tokenizers import TOKENIZER_KIND, DiscreteVAE, infer_dvae_spec
 
 __all__ = [
     "REMAPS",
@@ -351,22 +351,29 @@ def import_official(
             f"{path}: {len(unknown)} keys are neither encoder weights nor expected extras of a "
             f"{remapped.layout} checkpoint: {unknown}"
         )
+    module: torch.nn.Module
     if remapped.kind == TOKENIZER_KIND:
-        return _import_tokenizer(fmt, path, obj, remapped, out_dir, num_groups, group_size, num_points)
-    try:
-        spec = infer_spec(
-            remapped.state,
-            num_heads=num_heads,
-            num_groups=num_groups,
-            group_size=group_size,
-            drop_path=drop_path,
-            **remapped.spec_hints,
-        )
+        try:
+            dvae_spec = infer_dvae_spec(remapped.state, num_groups=num_groups, group_size=group_size)
+        except ValueError as err:
+            raise UserError(f"{path}: {err}") from err
+        module, spec = DiscreteVAE(dvae_spec), dvae_spec.to_dict()
         data = DataContract(num_points=num_points, normalization="unit_sphere", fps_order=False)
-    except ValueError as err:
-        raise UserError(f"{path}: {err}") from err
-    encoder = build_encoder(spec)
-    load_state_strict(encoder, remapped.state, source=path)
+    else:
+        try:
+            encoder_spec = infer_spec(
+                remapped.state,
+                num_heads=num_heads,
+                num_groups=num_groups,
+                group_size=group_size,
+                drop_path=drop_path,
+                **remapped.spec_hints,
+            )
+            data = DataContract(num_points=num_points, normalization="unit_sphere", fps_order=False)
+        except ValueError as err:
+            raise UserError(f"{path}: {err}") from err
+        module, spec = build_encoder(encoder_spec), encoder_spec.to_dict()
+    load_state_strict(module, remapped.state, source=path)
     sha = _sha256(path)
     epoch = obj.get("epoch") if isinstance(obj, Mapping) else None
     provenance = {
@@ -378,58 +385,16 @@ def import_official(
         "source_sha256": sha,
         "source_layout": remapped.layout,
     }
-    out = save_encoder(out_dir, encoder, data=data, provenance=provenance)
+    out = save_module_artifact(
+        out_dir, module, kind=remapped.kind, spec=spec, data=data, provenance=provenance
+    )
     meta = read_artifact_meta(out)
     return {
         "artifact": str(out),
         "format": fmt,
+        **({"kind": TOKENIZER_KIND} if remapped.kind == TOKENIZER_KIND else {}),
         "layout": remapped.layout,
-        "spec": spec.to_dict(),
-        "num_params": meta["num_params"],
-        "num_tensors": len(remapped.state),
-        "dropped": len(remapped.dropped),
-        "source": str(path),
-        "source_sha256": sha,
-    }
-
-
-def _import_tokenizer(
-    fmt: str,
-    path: Path,
-    obj: object,
-    remapped: Remapped,
-    out_dir: str | Path,
-    num_groups: int,
-    group_size: int,
-    num_points: int,
-) -> dict[str, Any]:
-    """Writes a ``dvae_tokenizer`` artifact from remapped official dVAE weights (:func:`import_official`)."""
-    try:
-        spec = infer_dvae_spec(remapped.state, num_groups=num_groups, group_size=group_size)
-    except ValueError as err:
-        raise UserError(f"{path}: {err}") from err
-    dvae = DiscreteVAE(spec)
-    load_state_strict(dvae, remapped.state, source=path)
-    sha = _sha256(path)
-    epoch = obj.get("epoch") if isinstance(obj, Mapping) else None
-    provenance = {
-        "method": f"{fmt} (official)",
-        "step": None,
-        "epoch": epoch if isinstance(epoch, int) else None,
-        "git_sha": git_sha(),
-        "source": str(path),
-        "source_sha256": sha,
-        "source_layout": remapped.layout,
-    }
-    data = DataContract(num_points=num_points, normalization="unit_sphere", fps_order=False)
-    out = save_tokenizer(out_dir, dvae, data=data, provenance=provenance)
-    meta = read_artifact_meta(out)
-    return {
-        "artifact": str(out),
-        "format": fmt,
-        "kind": TOKENIZER_KIND,
-        "layout": remapped.layout,
-        "spec": spec.to_dict(),
+        "spec": spec,
         "num_params": meta["num_params"],
         "num_tensors": len(remapped.state),
         "dropped": len(remapped.dropped),

@@ -9,6 +9,7 @@ fitting, rank 0 writes the encoder artifact to ``<log dir>/encoder`` (``--export
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,10 @@ class PretrainCLI(LightningCLI):
 
 def run_lightning_cli(argv: Sequence[str]) -> int:
     """Runs LightningCLI with ``argv`` (starting with the subcommand, e.g. ``fit``); returns 0."""
+    # Lightning's own deprecation notice, and its note about the empty validation loader that a data
+    # module without a validation split returns: neither is actionable for a pcpt user.
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message="Total length of .* across ranks is zero")
     PretrainCLI(
         PretrainModule,
         PointCloudDataModule,

@@ -34,17 +34,19 @@ from torch import Tensor, nn
 from pretrain.checkpoint import (
     CKPT_META_KEY,
     ArtifactError,
-    git_sha,
+    lightning_ckpt_provenance,
     load_artifact_tensors,
     load_state_strict,
-    make_provenance,
-    save_artifact,
+    module_from_lightning_ckpt,
+    read_lightning_ckpt,
+    save_module_artifact,
 )
-from pretrain.encoders.spec import DataContract
+from pretrain.encoders.base import group_by_spec
+from pretrain.encoders.spec import DataContract, check_positive_int, dataclass_from_dict
 from pretrain.nn.dgcnn import DGCNN, OFFICIAL_DGCNN_DIMS
 from pretrain.nn.folding import FoldingDecoder
 from pretrain.nn.tokenizer import MiniPointNet
-from pretrain.ops import PatchGroups, group_points
+from pretrain.ops import PatchGroups
 
 __all__ = [
     "TOKENIZER_KIND",
@@ -109,9 +111,7 @@ class DVAESpec:
             "fold_dim",
         )
         for name in names:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         if isinstance(self.dgcnn_dims, list):
             object.__setattr__(self, "dgcnn_dims", tuple(self.dgcnn_dims))
         if len(self.dgcnn_dims) < 2 or any(
@@ -140,16 +140,7 @@ class DVAESpec:
         Raises:
             ValueError: unknown fields (named in the message) or invalid values.
         """
-        if not isinstance(data, Mapping):
-            raise ValueError(f"DVAESpec.from_dict expects a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown DVAESpec fields: {unknown}; known fields: {sorted(known)}")
-        values = dict(data)
-        if isinstance(values.get("dgcnn_dims"), list):
-            values["dgcnn_dims"] = tuple(values["dgcnn_dims"])
-        return cls(**values)
+        return dataclass_from_dict(cls, data, tuple_fields=("dgcnn_dims",))
 
 
 torch.serialization.add_safe_globals([DVAESpec])
@@ -225,15 +216,7 @@ class DiscreteVAE(nn.Module):
         """Splits clouds (B, N, 3) into the spec's G patches of K points (FPS centres + kNN)."""
         if xyz.ndim != 3 or xyz.shape[-1] != 3:
             raise ValueError(f"xyz must have shape (B, N, 3), got {tuple(xyz.shape)}")
-        spec = self.spec
-        return group_points(
-            xyz,
-            spec.num_groups,
-            spec.group_size,
-            fps_start=spec.fps_start,
-            skip_near_origin=spec.fps_skip_near_origin,
-            generator=generator,
-        )
+        return group_by_spec(xyz, self.spec, generator=generator)
 
     def logits(self, neighborhoods: Tensor, centers: Tensor) -> Tensor:
         """Codebook logits. Shapes: neighborhoods (B, G, K, 3), centers (B, G, 3) -> (B, G, V)."""
@@ -309,14 +292,9 @@ def save_tokenizer(
     Returns:
         ``out_dir`` as a Path.
     """
-    meta = {
-        "kind": TOKENIZER_KIND,
-        "spec": dvae.spec.to_dict(),
-        "data_contract": data.to_dict(),
-        "provenance": make_provenance(provenance),
-        "num_params": sum(p.numel() for p in dvae.parameters()),
-    }
-    return save_artifact(out_dir, dvae.state_dict(), meta)
+    return save_module_artifact(
+        out_dir, dvae, kind=TOKENIZER_KIND, spec=dvae.spec.to_dict(), data=data, provenance=provenance
+    )
 
 
 def load_tokenizer(
@@ -367,37 +345,19 @@ def export_tokenizer_from_lightning_ckpt(
         ArtifactError: unreadable file, not a pcpt tokenizer checkpoint, or invalid metadata.
         RuntimeError: weights that do not fit the stored spec.
     """
-    src = Path(ckpt_path)
-    if not src.is_file():
-        raise ArtifactError(f"{src}: no such checkpoint file")
-    try:
-        ckpt = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and torch errors all mean "cannot read this file"
-        raise ArtifactError(f"{src}: cannot read checkpoint with weights_only=True: {err}") from err
+    src, ckpt = read_lightning_ckpt(ckpt_path)
     info = ckpt.get(CKPT_META_KEY) if isinstance(ckpt, dict) else None
     if not isinstance(info, dict) or info.get("kind") != TOKENIZER_KIND:
         raise ArtifactError(f"{src}: not a pcpt dVAE tokenizer checkpoint (no {TOKENIZER_KIND!r} metadata)")
-    prefix = str(info.get("encoder_prefix", "dvae."))
-    state = {k[len(prefix) :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)}
-    if not state:
-        raise ArtifactError(f"{src}: no weights under prefix {prefix!r} in the checkpoint's state_dict")
-    try:
-        spec = DVAESpec.from_dict(info["tokenizer_spec"])
-        data = DataContract.from_dict(info.get("data_contract") or {})
-    except (KeyError, TypeError, ValueError) as err:
-        raise ArtifactError(f"{src}: invalid pcpt metadata: {err}") from err
-    dvae = DiscreteVAE(spec)
-    load_state_strict(dvae, state, source=src)
-    prov: dict[str, Any] = {
-        "method": info.get("method"),
-        "step": ckpt.get("global_step"),
-        "epoch": ckpt.get("epoch"),
-        "git_sha": git_sha(),
-        "config_sha256": info.get("config_sha256"),
-        "data_manifest_sha256": info.get("data_manifest_sha256"),
-        "source": str(src),
-        **provenance,
-    }
+    dvae, data = module_from_lightning_ckpt(
+        src,
+        ckpt,
+        spec_key="tokenizer_spec",
+        parse_spec=DVAESpec.from_dict,
+        build=DiscreteVAE,
+        default_prefix="dvae.",
+    )
+    prov = lightning_ckpt_provenance(src, ckpt, provenance)
     return save_tokenizer(out_dir, dvae, data=data, provenance=prov)
 
 

@@ -109,7 +109,7 @@ def main() -> None:
     print("\npcpt quickstart: demo dataset, tiny Point-MAE, CPU")
     print(f"{'encoder':<24} {'SVM probe acc (test)':>22} {'5-way 10-shot acc (10 folds)':>30}")
     for name, probe, fewshot in rows:
-        svm = 100 * probe["test_accuracy"]
+        svm = 100 * probe["accuracy"]
         fs = f"{100 * fewshot['mean']:.1f} ± {100 * fewshot['std']:.1f}"
         print(f"{name:<24} {svm:>21.1f}% {fs:>29}%")
     print(f"\nSVM C chosen on a split held out from train; few-shot episodes: {episodes}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +18,38 @@ from torch import Tensor, nn
 from pretrain.encoders.spec import EncoderSpec
 from pretrain.ops import PatchGroups, group_points
 
-__all__ = ["EncoderOutput", "PointEncoder"]
+__all__ = ["EncoderOutput", "GroupingSpec", "PointEncoder", "group_by_spec"]
+
+
+class GroupingSpec(Protocol):
+    """The grouping settings of a spec (:class:`EncoderSpec`, ``DVAESpec``)."""
+
+    @property
+    def num_groups(self) -> int: ...
+    @property
+    def group_size(self) -> int: ...
+    @property
+    def fps_start(self) -> int | Literal["random"]: ...
+    @property
+    def fps_skip_near_origin(self) -> bool: ...
+
+
+def group_by_spec(
+    xyz: Tensor, spec: GroupingSpec, *, generator: torch.Generator | None = None
+) -> PatchGroups:
+    """FPS + kNN patches with a spec's settings (G, K, FPS start, near-origin skip).
+
+    Shapes:
+        xyz: (B, N, 3). returns: centres (B, G, 3) and centre-relative neighbourhoods (B, G, K, 3).
+    """
+    return group_points(
+        xyz,
+        spec.num_groups,
+        spec.group_size,
+        fps_start=spec.fps_start,
+        skip_near_origin=spec.fps_skip_near_origin,
+        generator=generator,
+    )
 
 
 @dataclass
@@ -70,14 +102,7 @@ class PointEncoder(nn.Module, ABC):
                 f"clouds have {xyz.shape[1]} points but the encoder needs at least {needed} "
                 f"(num_groups={spec.num_groups}, group_size={spec.group_size})"
             )
-        return group_points(
-            xyz,
-            spec.num_groups,
-            spec.group_size,
-            fps_start=spec.fps_start,
-            skip_near_origin=spec.fps_skip_near_origin,
-            generator=generator,
-        )
+        return group_by_spec(xyz, spec, generator=generator)
 
     @abstractmethod
     def embed(self, neighborhoods: Tensor) -> Tensor:

@@ -13,19 +13,43 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 
-__all__ = ["NAMED_SIZES", "DataContract", "EncoderSpec"]
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+__all__ = ["NAMED_SIZES", "DataContract", "EncoderSpec", "check_positive_int", "dataclass_from_dict"]
 
 
-def _check_positive(name: str, value: int) -> None:
+def check_positive_int(name: str, value: int) -> None:
+    """Spec field validation.
+
+    Raises:
+        ValueError: ``value`` is not an int >= 1 (bools are refused); the message names ``name``.
+    """
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _from_mapping(cls: type[Any], data: Mapping[str, Any], tuple_fields: tuple[str, ...] = ()) -> Any:
+SpecT = TypeVar("SpecT", bound="DataclassInstance")
+
+
+def dataclass_from_dict(
+    cls: type[SpecT], data: Mapping[str, Any], tuple_fields: tuple[str, ...] = ()
+) -> SpecT:
+    """Builds a spec dataclass from plain data (the ``from_dict`` of every pcpt spec).
+
+    Args:
+        cls: the dataclass.
+        data: field values; missing fields take their defaults.
+        tuple_fields: fields whose JSON lists become tuples.
+
+    Raises:
+        ValueError: ``data`` is not a mapping, names unknown fields (listed with the known ones), or holds
+            values ``cls`` rejects.
+    """
     if not isinstance(data, Mapping):
         raise ValueError(f"{cls.__name__}.from_dict expects a mapping, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
@@ -80,7 +104,7 @@ class EncoderSpec:
         if not isinstance(self.arch, str) or not self.arch:
             raise ValueError(f"arch must be a non-empty string, got {self.arch!r}")
         for name in ("embed_dim", "depth", "num_heads", "num_groups", "group_size", "tokenizer_dim"):
-            _check_positive(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.embed_dim % self.num_heads:
             raise ValueError(f"num_heads={self.num_heads} must divide embed_dim={self.embed_dim}")
         if not self.mlp_ratio > 0:
@@ -108,8 +132,7 @@ class EncoderSpec:
         Raises:
             ValueError: unknown fields (named in the message) or invalid values.
         """
-        spec: EncoderSpec = _from_mapping(cls, data)
-        return spec
+        return dataclass_from_dict(cls, data)
 
     @classmethod
     def named(cls, size: str, **overrides: Any) -> EncoderSpec:
@@ -164,7 +187,7 @@ class DataContract:
     channels: tuple[str, ...] = ("x", "y", "z")
 
     def __post_init__(self) -> None:
-        _check_positive("num_points", self.num_points)
+        check_positive_int("num_points", self.num_points)
         if self.normalization not in ("unit_sphere", "none"):
             raise ValueError(f"normalization must be 'unit_sphere' or 'none', got {self.normalization!r}")
         if not self.channels or not all(isinstance(c, str) for c in self.channels):
@@ -183,8 +206,7 @@ class DataContract:
         Raises:
             ValueError: unknown fields (named in the message) or invalid values.
         """
-        contract: DataContract = _from_mapping(cls, data, tuple_fields=("channels",))
-        return contract
+        return dataclass_from_dict(cls, data, tuple_fields=("channels",))
 
 
 # Modules built outside LightningCLI pickle these into hyper-parameters; keep such checkpoints loadable

@@ -31,7 +31,7 @@ class PretrainModule(pl.LightningModule):
 
     Args:
         encoder: architecture of the encoder being pre-trained (``None`` for methods that train no
-            point encoder, such as the Point-BERT tokenizer; they override :meth:`export_encoder`).
+            point encoder, such as the Point-BERT tokenizer; they override :meth:`write_artifact`).
         lr: peak learning rate of AdamW.
         weight_decay: decoupled weight decay (not applied to 1-D parameters, biases and ``*token*``).
         warmup_epochs: linear warmup length in epochs (converted to optimizer steps).
@@ -123,12 +123,18 @@ class PretrainModule(pl.LightningModule):
         """Plain-data description written into every Lightning checkpoint under ``"pcpt"``."""
         return {
             "method": self.method_name,
-            "kind": "point_encoder",
-            "encoder_spec": None if self.encoder_spec is None else self.encoder_spec.to_dict(),
+            **self.exported_module_metadata(),
             "data_contract": self.data_contract.to_dict(),
-            "encoder_prefix": "encoder.",
             "config_sha256": self.provenance_extra.get("config_sha256"),
             "data_manifest_sha256": self.provenance_extra.get("data_manifest_sha256"),
+        }
+
+    def exported_module_metadata(self) -> dict[str, Any]:
+        """What ``pcpt-pretrain export`` rebuilds: artifact ``kind``, spec and weights' ``encoder_prefix``."""
+        return {
+            "kind": "point_encoder",
+            "encoder_spec": None if self.encoder_spec is None else self.encoder_spec.to_dict(),
+            "encoder_prefix": "encoder.",
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -136,7 +142,12 @@ class PretrainModule(pl.LightningModule):
         checkpoint["pcpt"] = self.pcpt_metadata()
 
     def export_encoder(self, out_dir: str | Path, **provenance: Any) -> Path:
-        """Writes the encoder artifact (``encoder.safetensors`` + ``encoder.json``) to ``out_dir``."""
+        """Writes the method's artifact (:meth:`write_artifact`) with the provenance of this run.
+
+        Args:
+            out_dir: artifact directory.
+            **provenance: fields that override the collected ones (method, step, epoch, git commit, ...).
+        """
         info = {
             "method": self.method_name,
             "step": int(self.global_step),
@@ -145,7 +156,15 @@ class PretrainModule(pl.LightningModule):
             **{k: v for k, v in self.provenance_extra.items() if v is not None},
             **provenance,
         }
-        return save_encoder(out_dir, self.encoder, data=self.data_contract, provenance=info)
+        return self.write_artifact(out_dir, info)
+
+    def write_artifact(self, out_dir: str | Path, provenance: Mapping[str, Any]) -> Path:
+        """Writes the encoder artifact (``encoder.safetensors`` + ``encoder.json``) to ``out_dir``.
+
+        Methods that train something other than a point encoder override this (and
+        :meth:`exported_module_metadata`).
+        """
+        return save_encoder(out_dir, self.encoder, data=self.data_contract, provenance=provenance)
 
     @staticmethod
     def batch_points(batch: Any) -> Tensor:

@@ -10,13 +10,13 @@ read ``global_step``, so a resumed run continues them where it stopped. The end 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from pretrain.checkpoint import git_sha
 from pretrain.losses import dvae_kl_uniform
 from pretrain.methods.base import PretrainModule
 from pretrain.ops import chamfer_distance
@@ -220,26 +220,14 @@ class PointDVAE(PretrainModule):
         return metrics["val/loss_recon"]
 
     # ---------------------------------------------------------------------------------------- handoff
-    def pcpt_metadata(self) -> dict[str, Any]:
-        """``checkpoint["pcpt"]``: kind ``dvae_tokenizer``, the spec and the weights' prefix (``dvae.``)."""
+    def exported_module_metadata(self) -> dict[str, Any]:
+        """Kind ``dvae_tokenizer``, the spec and the weights' prefix (``dvae.``) in ``checkpoint["pcpt"]``."""
         return {
-            "method": self.method_name,
             "kind": TOKENIZER_KIND,
             "tokenizer_spec": self.dvae_spec.to_dict(),
-            "data_contract": self.data_contract.to_dict(),
             "encoder_prefix": "dvae.",
-            "config_sha256": self.provenance_extra.get("config_sha256"),
-            "data_manifest_sha256": self.provenance_extra.get("data_manifest_sha256"),
         }
 
-    def export_encoder(self, out_dir: str | Path, **provenance: Any) -> Path:
+    def write_artifact(self, out_dir: str | Path, provenance: Mapping[str, Any]) -> Path:
         """Writes the ``dvae_tokenizer`` artifact (called by ``pcpt-pretrain fit`` after training)."""
-        info = {
-            "method": self.method_name,
-            "step": int(self.global_step),
-            "epoch": int(self.current_epoch),
-            "git_sha": git_sha(),
-            **{k: v for k, v in self.provenance_extra.items() if v is not None},
-            **provenance,
-        }
-        return save_tokenizer(out_dir, self.dvae, data=self.data_contract, provenance=info)
+        return save_tokenizer(out_dir, self.dvae, data=self.data_contract, provenance=provenance)

@@ -126,6 +126,9 @@ def pointnet2_thread_count(num_points: int) -> int:
 
     ``opt_n_threads`` computes ``max(min(1 << int(log(N) / log(2)), 512), 1)``; for every ``N`` up to the
     cap this equals ``2**floor(log2(N))``.
+
+    Raises:
+        ValueError: If ``num_points < 1``.
     """
     if num_points < 1:
         raise ValueError(f"num_points must be >= 1, got {num_points}")

@@ -1,16 +1,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from datapipes.cli import build_parser, main
+from tests.cli_helpers import REPO, repo_env, run_command
 
-ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--classes", "3", "--per-class", "4", "--test-per-class", "2", "--points", "32", "--shard-size", "5"]
 
 
@@ -86,25 +83,15 @@ def test_help_lists_commands():
 
 
 def test_console_entry_in_a_subprocess(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = repo_env()
     out = tmp_path / "demo"
-    done = subprocess.run(
-        [sys.executable, "-m", "datapipes.cli", "synth", str(out), *SMALL, "--json"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    done = run_command(
+        [sys.executable, "-m", "datapipes.cli", "synth", str(out), *SMALL, "--json"], cwd=REPO, env=env
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["splits"]["train"]["samples"] == 12
-    bad = subprocess.run(
-        [sys.executable, "-m", "datapipes.cli", "inspect", str(tmp_path / "nope")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    bad = run_command(
+        [sys.executable, "-m", "datapipes.cli", "inspect", str(tmp_path / "nope")], cwd=REPO, env=env
     )
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1

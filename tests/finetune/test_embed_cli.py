@@ -1,8 +1,7 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,10 @@ from finetune import cli
 from finetune.embed import embed_clouds, normalize_unit_sphere
 from pretrain import cli as pretrain_cli
 from pretrain.checkpoint import load_encoder
+from tests.cli_helpers import assert_one_error_line, console_script, run_command
 from tests.pretrain.encoders import official_reference as ref
+
+_one_error_line = partial(assert_one_error_line, "pcpt-finetune")
 
 TINY = ["--num-heads", "2", "--num-groups", "16", "--group-size", "8", "--num-points", "64"]
 
@@ -141,14 +143,6 @@ def test_progress_bar_for_many_batches(
     assert captured.out.startswith(f"wrote {tmp_path / 'f.npz'}")
 
 
-def _one_error_line(err: str, *needles: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("pcpt-finetune: error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, err)
-
-
 def _write_bad_inputs(tmp_path: Path) -> None:
     np.save(tmp_path / "ints.npy", np.zeros((2, 64, 3), dtype=np.int64))
     np.save(tmp_path / "flat.npy", np.zeros((2, 64, 2), dtype=np.float32))
@@ -220,28 +214,14 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_console_script(tmp_path: Path, finetuned: tuple[Path, ref.PointTransformer]) -> None:
-    exe = shutil.which("pcpt-finetune")
-    if exe is None:
-        pytest.skip("pcpt-finetune is not installed (pip install -e .)")
+    exe = console_script("pcpt-finetune")
     art, _ = finetuned
     inp, _ = _clouds(tmp_path, batch=2)
     out = tmp_path / "f.npz"
-    done = subprocess.run(
-        [exe, "embed", str(art), "--input", str(inp), "--out", str(out), "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_command([exe, "embed", str(art), "--input", str(inp), "--out", str(out), "--quiet"])
     assert done.returncode == 0, done.stderr
     with np.load(out) as f:
         assert f["pooled"].shape == (2, 64)
-    bad = subprocess.run(
-        [exe, "embed", str(art), "--input", str(tmp_path / "nope.npy"), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    bad = run_command([exe, "embed", str(art), "--input", str(tmp_path / "nope.npy"), "--out", str(out)])
     assert bad.returncode == 2
     _one_error_line(bad.stderr, "nope.npy")

@@ -1,8 +1,7 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,10 @@ import torch
 from pretrain import cli
 from pretrain.checkpoint import CKPT_META_KEY, lightning_ckpt_meta, load_encoder, read_artifact_meta
 from pretrain.encoders import DataContract, EncoderSpec, build_encoder
+from tests.cli_helpers import assert_one_error_line, console_script, run_command
 from tests.pretrain.encoders import official_reference as ref
+
+_one_error_line = partial(assert_one_error_line, "pcpt-pretrain")
 
 TINY = ["--num-heads", "2", "--num-groups", "16", "--group-size", "8", "--num-points", "64"]
 
@@ -22,14 +24,6 @@ def official_mae(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
     path = tmp_path / "ckpt-best.pth"
     ref.save_official(path, model)
     return path, model
-
-
-def _one_error_line(err: str, *needles: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("pcpt-pretrain: error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, err)
 
 
 def test_import_then_compare_with_official(
@@ -157,31 +151,12 @@ def test_passthrough_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seen == [["-c", "x.yaml", "--trainer.max_steps=2"]]
 
 
-def _console_script(name: str) -> list[str]:
-    exe = shutil.which(name)
-    if exe is None:
-        pytest.skip(f"{name} is not installed (pip install -e .)")
-    return [exe]
-
-
 def test_console_script_import_and_error(tmp_path: Path, official_mae: tuple[Path, torch.nn.Module]) -> None:
     src, _ = official_mae
-    exe = _console_script("pcpt-pretrain")
-    done = subprocess.run(
-        [*exe, "import", "point-mae", str(src), str(tmp_path / "art"), *TINY, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    exe = console_script("pcpt-pretrain")
+    done = run_command([exe, "import", "point-mae", str(src), str(tmp_path / "art"), *TINY, "--json"])
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["spec"]["embed_dim"] == 32
-    bad = subprocess.run(
-        [*exe, "import", "point-mae", str(tmp_path / "missing.pth"), str(tmp_path / "art2")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    bad = run_command([exe, "import", "point-mae", str(tmp_path / "missing.pth"), str(tmp_path / "art2")])
     assert bad.returncode == 2
     _one_error_line(bad.stderr, "missing.pth")

@@ -8,6 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+
+
+def params_sha256(module: torch.nn.Module) -> str:
+    """sha256 over the names and values of a module's parameters, in name order (buffers excluded)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.named_parameters(), key=lambda item: item[0]):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 class RecordRank(pl.Callback):
@@ -27,16 +37,12 @@ class RecordRank(pl.Callback):
         self.keys.append(list(getattr(batch, "key", [])))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        digest = hashlib.sha256()
-        for name, tensor in sorted(pl_module.named_parameters()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         record = {
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
             "global_step": trainer.global_step,
             "keys": self.keys,
-            "weights_sha256": digest.hexdigest(),
+            "weights_sha256": params_sha256(pl_module),
         }
         Path(self.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

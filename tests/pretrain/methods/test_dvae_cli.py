@@ -7,13 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from datapipes.synthetic import write_synthetic
 from pretrain.cli import main as pretrain_main
 from pretrain.tokenizers import load_tokenizer
+from tests.pretrain.methods.tiny_cli import RUNTIME, config
 
-REPO = Path(__file__).resolve().parents[3]
 TINY = [
-    "-c", str(REPO / "configs/pretrain/point_bert_dvae_tiny.yaml"),
+    *config("point_bert_dvae_tiny.yaml"),
     "--model.init_args.dvae.num_groups=8",
     "--model.init_args.dvae.group_size=8",
     "--model.init_args.dvae.tokenizer_dim=16",
@@ -26,18 +25,8 @@ TINY = [
     "--model.init_args.temperature_iters=10",
     "--model.init_args.kl_start_it=2",
     "--model.init_args.kl_ramp_iters=10",
-    "--data.num_points=64",
-    "--data.batch_size=4",
-    "--data.num_workers=0",
-    "--trainer.enable_progress_bar=false",
-]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    write_synthetic(root, classes=4, per_class=8, test_per_class=2, points=96, shard_size=8)
-    return root
+    *RUNTIME,
+]
 
 
 def test_fit_exports_tokenizer_and_export_command_agrees(

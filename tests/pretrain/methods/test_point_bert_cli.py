@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,35 +10,19 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from datapipes.synthetic import write_synthetic
 from pretrain.checkpoint import load_encoder
 from pretrain.encoders.spec import DataContract
 from pretrain.tokenizers import DiscreteVAE, DVAESpec, save_tokenizer
 from tests.pretrain import dvae_reference as dref
+from tests.pretrain.methods.record_callback import params_sha256
+from tests.pretrain.methods.tiny_cli import RUNTIME, config, fit_two_ranks, tiny_encoder
 
-REPO = Path(__file__).resolve().parents[3]
 TINY = [
-    "-c", str(REPO / "configs/pretrain/point_bert_tiny.yaml"),
-    "--model.init_args.encoder.embed_dim=32",
-    "--model.init_args.encoder.depth=2",
-    "--model.init_args.encoder.num_heads=2",
-    "--model.init_args.encoder.num_groups=16",
-    "--model.init_args.encoder.group_size=8",
-    "--model.init_args.encoder.tokenizer_dim=16",
+    *config("point_bert_tiny.yaml"),
+    *tiny_encoder(num_groups=16, tokenizer_dim=16),
     "--model.init_args.proj_dim=8",
-    "--data.num_points=64",
-    "--data.batch_size=4",
-    "--data.num_workers=0",
-    "--trainer.enable_progress_bar=false",
-]  # fmt: skip
-
-
-def _digest(tensors: list[tuple[str, torch.Tensor]]) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(tensors, key=lambda item: item[0]):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    *RUNTIME,
+]
 
 
 class RecordQueue(pl.Callback):
@@ -58,17 +38,10 @@ class RecordQueue(pl.Callback):
             "global_step": trainer.global_step,
             "queue_ptr": int(pl_module.queue_ptr),  # type: ignore[arg-type]
             "queue": queue.tolist(),
-            "params_sha256": _digest(list(pl_module.named_parameters())),
+            "params_sha256": params_sha256(pl_module),
         }
         Path(self.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    write_synthetic(root, classes=4, per_class=8, test_per_class=2, points=96, shard_size=8)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -82,22 +55,14 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_two_process_gloo_ddp_queue(demo: Path, tokenizer: Path, tmp_path: Path) -> None:
     """Two CPU ranks: keys of both ranks enter the queue, which ends identical on both, as do the weights."""
     record = tmp_path / "record"
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "OMP_NUM_THREADS": "1",
-    }
-    cmd = [
-        sys.executable, "-m", "pretrain.cli", "fit", *TINY, f"--data.data_root={demo}",
-        f"--model.init_args.tokenizer={tokenizer}", "--model.init_args.queue_size=24",
-        f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1", "--trainer.accelerator=cpu",
-        "--trainer.devices=2", "--trainer.strategy=ddp", f"--export_dir={tmp_path / 'art'}",
-        "--trainer.callbacks+=tests.pretrain.methods.test_point_bert_cli.RecordQueue",
-        f"--trainer.callbacks.out_dir={record}",
+    args = [
+        *TINY, f"--data.data_root={demo}", f"--model.init_args.tokenizer={tokenizer}",
+        "--model.init_args.queue_size=24", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1",
+        f"--export_dir={tmp_path / 'art'}",
     ]  # fmt: skip
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = fit_two_ranks(
+        args, callback="tests.pretrain.methods.test_point_bert_cli.RecordQueue", record=record
+    )
     assert [r["world_size"] for r in ranks] == [2, 2]
     # 32 samples / (batch 4 x 2 ranks) = 4 steps, 8 keys per step: 32 keys through a queue of 24 -> wraps to 8
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4

@@ -2,41 +2,21 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from datapipes.synthetic import write_synthetic
 from pretrain.checkpoint import load_encoder
 from pretrain.cli import main as pretrain_main
+from tests.pretrain.methods.tiny_cli import RUNTIME, config, fit_two_ranks, tiny_encoder
 
-REPO = Path(__file__).resolve().parents[3]
 TINY = [
-    "-c", str(REPO / "configs/pretrain/point_mae_tiny.yaml"),
-    "--model.init_args.encoder.embed_dim=32",
-    "--model.init_args.encoder.depth=2",
-    "--model.init_args.encoder.num_heads=2",
-    "--model.init_args.encoder.num_groups=8",
-    "--model.init_args.encoder.group_size=8",
-    "--model.init_args.encoder.tokenizer_dim=32",
+    *config("point_mae_tiny.yaml"),
+    *tiny_encoder(num_groups=8, tokenizer_dim=32),
     "--model.init_args.decoder_depth=1",
-    "--data.num_points=64",
-    "--data.batch_size=4",
-    "--data.num_workers=0",
-    "--trainer.enable_progress_bar=false",
-]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    write_synthetic(root, classes=4, per_class=8, test_per_class=2, points=96, shard_size=8)
-    return root
+    *RUNTIME,
+]
 
 
 def test_fit_writes_artifact_that_loads_strictly(demo: Path, tmp_path: Path) -> None:
@@ -99,18 +79,11 @@ def test_bad_config_value_is_a_clear_error(demo: Path, tmp_path: Path) -> None:
 def test_two_process_gloo_ddp(demo: Path, tmp_path: Path) -> None:
     """Two CPU ranks (gloo): different data on each rank, identical weights at the end."""
     record = tmp_path / "record"
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [
-        sys.executable, "-m", "pretrain.cli", "fit", *TINY, f"--data.data_root={demo}",
-        f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=2", "--trainer.accelerator=cpu",
-        "--trainer.devices=2", "--trainer.strategy=ddp", f"--export_dir={tmp_path / 'art'}",
-        "--trainer.callbacks+=tests.pretrain.methods.record_callback.RecordRank",
-        f"--trainer.callbacks.out_dir={record}",
+    args = [
+        *TINY, f"--data.data_root={demo}", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=2",
+        f"--export_dir={tmp_path / 'art'}",
     ]  # fmt: skip
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = fit_two_ranks(args, callback="tests.pretrain.methods.record_callback.RecordRank", record=record)
     assert [r["world_size"] for r in ranks] == [2, 2]
     # 32 train samples / (batch 4 x 2 ranks) = 4 batches per rank and epoch, the same on both ranks
     assert len(ranks[0]["keys"]) == len(ranks[1]["keys"]) == 8
