@@ -6,7 +6,8 @@ cloud of
 * ``pcpt``: ``pretrain.ops.farthest_point_sample`` on the whole float32 batch (default mode), and
   ``pcpt_parity`` with ``skip_near_origin=True`` (pointnet2_ops parity);
 * ``open3d``: ``PointCloud.farthest_point_down_sample(S)``, one cloud at a time (float64, as open3d stores
-  points; the clouds are built before timing);
+  points; the clouds are built before timing). In open3d 0.20 this loop runs on one thread whatever
+  ``--threads`` says;
 * ``naive``: a plain per-cloud torch loop (distance, minimum, ``argmax`` with a host sync per step), timed on
   the first ``--naive-clouds`` clouds;
 
@@ -45,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads",
         type=int,
         default=2,
-        help="torch intra-op threads and OMP_NUM_THREADS for open3d (default 2)",
+        help="torch intra-op threads, also exported as OMP_NUM_THREADS (default 2)",
     )
     parser.add_argument(
         "--naive-clouds", type=int, default=4, help="clouds timed for the naive loop (default 4)"
@@ -75,7 +76,9 @@ def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # open3d's OpenMP loops; set before importing it
+    os.environ["OMP_NUM_THREADS"] = str(
+        args.threads
+    )  # for any OpenMP code in open3d; set before importing it
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
     import numpy as np
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             current = int(torch.argmax(min_sqdist))
         return idx
 
+    load_before = os.getloadavg()[0]
     rng = np.random.default_rng(args.seed)
     results: list[dict[str, Any]] = []
     for batch, num_points, num_samples in CASES:
@@ -154,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
+            "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         },
         "versions": {
             "python": platform.python_version(),
