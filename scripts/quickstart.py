@@ -39,13 +39,8 @@ def run(cmd: list[str], *, capture: bool = False) -> str:
 
 
 def last_json(text: str) -> dict:
-    """The JSON document printed by a ``--json`` command (the last line that parses)."""
-    for line in reversed(text.strip().splitlines()):
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError:
-            continue
-    return json.loads(text)
+    """The JSON document a ``--json`` command printed (from its first ``{`` to the end of its output)."""
+    return json.loads(text[text.index("{") :])
 
 
 def random_init_artifact(pretrained: Path, out: Path, seed: int = 0) -> Path:
