@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from datapipes.errors import UserError
 from finetune.augment import random_point_subset, scale_and_translate
-from pretrain.checkpoint import load_encoder
+from pretrain.checkpoint import load_encoder, read_artifact_meta
 from pretrain.encoders import build_encoder
 from pretrain.encoders.base import PointEncoder
 from pretrain.encoders.spec import EncoderSpec
@@ -123,8 +123,6 @@ class PointClassifier(pl.LightningModule):
             if not frozen:
                 base = EncoderSpec.from_dict({**base.to_dict(), "cls_token": True})
             return build_encoder(base), {"provenance": {"method": "random-init"}}
-        from pretrain.checkpoint import read_artifact_meta
-
         meta = read_artifact_meta(pretrained)
         has_cls = bool(meta["spec"].get("cls_token", False))
         overrides: dict[str, Any] = {"drop_path": 0.0 if frozen else drop_path}
