@@ -1,4 +1,4 @@
-"""pcpt quickstart on the embedded demo dataset (CPU, a few minutes).
+"""pcpt quickstart on the embedded demo dataset (CPU, 216 training steps).
 
 Steps, each through the real command-line tools:
 1. ``pcpt-data synth`` writes the procedural demo dataset as shards.
