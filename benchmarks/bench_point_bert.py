@@ -1,16 +1,27 @@
-"""Point-BERT training steps at the official size: dVAE tokenizer (stage 1) and masked point modelling (2).
+"""Point-BERT training steps, dVAE tokenizer (stage 1) and masked point modelling (stage 2): pcpt vs naive.
 
-Prints one JSON document to stdout. For each stage it builds the official model (dVAE: 64 groups x 32 points,
-8192-entry codebook, DGCNN widths 128-1024, 27.6 M parameters; MPM: 384 x 12 blocks x 6 heads encoder with CLS
-and mask tokens, lm_head over 8192 codes, momentum encoder, 16,384-key queue, frozen dVAE) and times full
-training steps (``training_step`` -> backward -> AdamW step) on random unit-sphere clouds of 1024 points:
+Prints one JSON document to stdout. For each stage and variant it builds the model and times full training
+steps (``training_step`` -> backward -> AdamW step) on random unit-sphere clouds of 1024 points.
 
-* ``samples_per_s``: batch size / median step time (``step_s_min`` also reported);
-* ``peak_rss_mib``: peak resident memory of the process that ran the stage (each stage runs in its own
-  subprocess, so the numbers do not mix), and ``cuda_max_allocated_mib`` on a GPU.
+Sizes (``--size``):
 
-Run: ``python benchmarks/bench_point_bert.py --batch 8 --steps 3 --threads 2`` (``--device cuda`` on a GPU).
-One warm-up step precedes the timed ones.
+* ``official``: dVAE 64 groups x 32 points, 8192-entry codebook, DGCNN widths 128-1024 (27.6 M parameters);
+  MPM 384 x 12 blocks x 6 heads with CLS and mask tokens, lm_head over 8192 codes, momentum encoder,
+  16,384-key queue and the frozen dVAE.
+* ``modelnet_cpu``: the models of ``configs/pretrain/point_bert_dvae_modelnet_cpu.yaml`` and
+  ``configs/pretrain/point_bert_modelnet_cpu.yaml`` (the ModelNet40 CPU run of docs/results.md), read from
+  those files.
+
+Variants (``--variants``): ``pcpt``, and ``naive``: the same models and weights with the research-code
+formulations of attention, grouping and the mini-PointNet (``benchmarks/naive.py``), in every encoder, the
+momentum copy and the tokenizer.
+
+Reported per stage and variant: ``samples_per_s`` (batch size / median step time; ``step_s_min`` too) and
+``peak_rss_mib``, the peak resident memory of the process that ran it (each stage and variant runs in its own
+subprocess, so the numbers do not mix), plus ``cuda_max_allocated_mib`` on a GPU.
+
+Run: ``python benchmarks/bench_point_bert.py --batch 8 --steps 3 --threads 2`` (``--device cuda`` on a GPU;
+``--size modelnet_cpu --batch 32`` for the CPU run's models). One warm-up step precedes the timed ones.
 """
 
 from __future__ import annotations
@@ -31,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 STAGES = ("dvae", "mpm")
+VARIANTS = ("pcpt", "naive")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,10 +55,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="stage to run (default all)")
+    parser.add_argument("--size", choices=("official", "modelnet_cpu"), default="official", help="models")
+    parser.add_argument("--variants", default="pcpt,naive", help="comma-separated: pcpt, naive")
     args = parser.parse_args(argv)
     if args.batch < 2 or args.steps < 1 or args.threads < 1:
         parser.error("--batch must be >= 2, --steps and --threads >= 1")
+    args.variants = args.variants.split(",")
+    if not args.variants or any(v not in VARIANTS for v in args.variants):
+        parser.error(f"--variants must name some of {', '.join(VARIANTS)}")
     return args
+
+
+def model_init_args(config: str) -> dict[str, Any]:
+    """``model.init_args`` of a pcpt pre-training config."""
+    import yaml
+
+    with (CONFIGS / config).open() as f:
+        init_args: dict[str, Any] = yaml.safe_load(f)["model"]["init_args"]
+    return init_args
 
 
 def peak_rss_mib() -> float:
@@ -54,10 +81,11 @@ def peak_rss_mib() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def run_stage(stage: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_stage(stage: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
     """Builds one stage's module and times its training steps (in this process)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
+    from naive import make_naive
 
     from pretrain.encoders.spec import DataContract, EncoderSpec
     from pretrain.methods.dvae import PointDVAE
@@ -69,15 +97,25 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
+    if args.size == "official":
+        dvae_args: dict[str, Any] = {"dvae": DVAESpec()}
+        encoder = EncoderSpec(tokenizer_dim=256, cls_token=True, mask_token=True)
+        mpm_args: dict[str, Any] = {"encoder": encoder}
+    else:
+        dvae_args = model_init_args("point_bert_dvae_modelnet_cpu.yaml")
+        dvae_args["dvae"] = DVAESpec(**dvae_args["dvae"])
+        mpm_args = model_init_args("point_bert_modelnet_cpu.yaml")
+        mpm_args["encoder"] = EncoderSpec(**mpm_args["encoder"])
     with tempfile.TemporaryDirectory() as tmp:
         if stage == "dvae":
-            module: Any = PointDVAE(DVAESpec())
+            module: Any = PointDVAE(**dvae_args)
         else:
             tokenizer = save_tokenizer(
-                Path(tmp) / "tokenizer", DiscreteVAE(DVAESpec()), data=DataContract(), provenance={}
+                Path(tmp) / "tokenizer", DiscreteVAE(dvae_args["dvae"]), data=DataContract(), provenance={}
             )
-            spec = EncoderSpec(tokenizer_dim=256, cls_token=True, mask_token=True)
-            module = PointBERT(spec, str(tokenizer))
+            module = PointBERT(**{**mpm_args, "tokenizer": str(tokenizer)})
+    if variant == "naive":
+        make_naive(module)
     module = module.to(device).train()
     optimizer = torch.optim.AdamW(param_groups(module, 0.05), lr=5e-4)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -105,6 +143,7 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict[str, Any]:
     median = statistics.median(times)
     result: dict[str, Any] = {
         "stage": stage,
+        "variant": variant,
         "module": type(module).__name__,
         "params_total": total,
         "params_trainable": trainable,
@@ -124,20 +163,28 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.stage != "all":
-        json.dump(run_stage(args.stage, args), sys.stdout)
+    if args.stage != "all" and len(args.variants) == 1:
+        json.dump(run_stage(args.stage, args.variants[0], args), sys.stdout)
         return
     results = []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    for stage in STAGES if args.stage == "all" else (args.stage,):
+        for variant in args.variants:
+            cmd = [sys.executable, __file__, "--stage", stage, "--variants", variant, "--size", args.size,
+                   "--batch", str(args.batch), "--steps", str(args.steps), "--threads", str(args.threads),
+                   "--device", args.device]  # fmt: skip
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            results.append(json.loads(out))
+    speedups = {}
     for stage in STAGES:
-        cmd = [sys.executable, __file__, "--stage", stage, "--batch", str(args.batch), "--steps",
-               str(args.steps), "--threads", str(args.threads), "--device", args.device]  # fmt: skip
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-        results.append(json.loads(out))
+        by_variant = {r["variant"]: r for r in results if r["stage"] == stage}
+        if {"pcpt", "naive"} <= set(by_variant):
+            ratio = by_variant["pcpt"]["samples_per_s"] / by_variant["naive"]["samples_per_s"]
+            speedups[stage] = round(ratio, 3)
     import torch
 
     report = {
-        "benchmark": "Point-BERT training steps (official size)",
+        "benchmark": f"Point-BERT training steps ({args.size} size)",
         "date": datetime.date.today().isoformat(),
         "command": "python benchmarks/bench_point_bert.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
@@ -151,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "results": results,
+        "speedup_pcpt_vs_naive": speedups,
     }
     json.dump(report, sys.stdout, indent=2)
     sys.stdout.write("\n")

@@ -3,9 +3,8 @@
 Measures training steps (forward + backward + AdamW step) of the official-size Point-MAE (384 × 12 encoder,
 4-block decoder, 64 groups × 32 points, 1024 points, mask 0.6) and reports samples/s and peak memory.
 
-The naive variant is the same model and weights with the two things the engineering replaces:
-attention as explicit ``softmax(q kᵀ / √d) v`` matmuls instead of ``F.scaled_dot_product_attention``, and
-grouping with a per-sample Python-loop FPS + per-sample distance-matrix kNN instead of the batched ops.
+The naive variant is the same model and weights with the research-code formulations of attention, grouping
+and the mini-PointNet (``benchmarks/naive.py``).
 
 Usage::
 
@@ -24,68 +23,20 @@ import resource
 import subprocess
 import sys
 import time
-import types
 from typing import Any
 
 import torch
-from torch import Tensor
+from naive import make_naive
 
 from pretrain.encoders.spec import EncoderSpec
 from pretrain.methods.point_mae import PointMAE
-from pretrain.nn.transformer import Attention
-from pretrain.ops.grouping import PatchGroups
-
-
-def naive_attention_forward(self: Attention, x: Tensor) -> Tensor:
-    batch, length, dim = x.shape
-    qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    attn = (q @ k.transpose(-2, -1)) * (dim // self.num_heads) ** -0.5
-    out = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, length, dim)
-    result: Tensor = self.proj(out)
-    return result
-
-
-def naive_fps(xyz: Tensor, n: int) -> Tensor:
-    """Plain per-sample loop FPS (start index 0), as in many research codebases."""
-    out = []
-    for cloud in xyz:
-        dist = torch.full((cloud.shape[0],), float("inf"), device=cloud.device)
-        chosen = [0]
-        for _ in range(n - 1):
-            dist = torch.minimum(dist, ((cloud - cloud[chosen[-1]]) ** 2).sum(-1))
-            chosen.append(int(dist.argmax()))
-        out.append(torch.tensor(chosen, device=cloud.device))
-    return torch.stack(out)
-
-
-def naive_group(self: Any, xyz: Tensor, *, generator: torch.Generator | None = None) -> PatchGroups:
-    spec = self.spec
-    center_idx = naive_fps(xyz, spec.num_groups)
-    centers, neigh, idx = [], [], []
-    for b in range(xyz.shape[0]):
-        c = xyz[b, center_idx[b]]
-        d = torch.cdist(c, xyz[b])
-        i = d.topk(spec.group_size, dim=1, largest=False).indices
-        centers.append(c)
-        neigh.append(xyz[b, i] - c[:, None])
-        idx.append(i)
-    return PatchGroups(
-        centers=torch.stack(centers),
-        neighborhoods=torch.stack(neigh),
-        idx=torch.stack(idx),
-        center_idx=center_idx,
-    )
 
 
 def make_model(variant: str, device: torch.device) -> PointMAE:
     torch.manual_seed(0)
     model = PointMAE(EncoderSpec(), mask_ratio=0.6, decoder_depth=4).to(device)
     if variant == "naive":
-        for module in model.modules():
-            if isinstance(module, Attention):
-                module.forward = types.MethodType(naive_attention_forward, module)  # type: ignore[method-assign]
-        model.encoder.group = types.MethodType(naive_group, model.encoder)  # type: ignore[method-assign]
+        make_naive(model)
     return model
 
 

@@ -79,7 +79,13 @@ class WeightsMismatchError(RuntimeError):
 
 
 def git_sha(cwd: str | Path | None = None) -> str:
-    """``git rev-parse HEAD`` in ``cwd`` (default: the current directory), or ``"unknown"``."""
+    """``git rev-parse HEAD`` in ``cwd``, or ``"unknown"``.
+
+    The default is the folder that holds the running pcpt source, so provenance names the commit of the
+    code that trained the model wherever the command runs from ("unknown" for an installed wheel).
+    """
+    if cwd is None:
+        cwd = Path(__file__).resolve().parents[1]
     try:
         result = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=False

@@ -39,6 +39,9 @@ class PretrainCLI(LightningCLI):
             default=None,
             help="where to write the encoder artifact after fit (default: <log dir>/encoder)",
         )
+        # The method's data contract follows the data module; one value also keeps a logger's merge of the
+        # two modules' hyperparameters consistent.
+        parser.link_arguments("data.num_points", "model.init_args.num_points")
 
     def _subconfig(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config

@@ -112,7 +112,9 @@ class PointDVAE(PretrainModule):
         self.temperature_start, self.temperature_end = temperature_start, temperature_end
         self.temperature_iters = temperature_iters
         self.kl_start_it, self.kl_ramp_iters, self.kl_weight_max = kl_start_it, kl_ramp_iters, kl_weight_max
-        self._code_counts: Tensor | None = None  # per-rank histogram of this epoch (not a DDP buffer)
+        # Per-rank code histograms of the current training / validation epoch (not DDP buffers).
+        self._code_counts: Tensor | None = None
+        self._val_code_counts: Tensor | None = None
 
     # ------------------------------------------------------------------------------------------ schedules
     def temperature_at(self, it: int) -> float:
@@ -184,21 +186,36 @@ class PointDVAE(PretrainModule):
         self._code_counts = None
 
     def on_train_epoch_end(self) -> None:
-        """Logs codebook usage over the epoch (all ranks): perplexity and codes never chosen (dead)."""
-        if self._code_counts is None:
+        """Logs codebook usage over the epoch: ``train/epoch_code_perplexity``, ``train/dead_codes``."""
+        self._log_code_usage(self._code_counts, "train")
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_code_counts = None
+
+    def on_validation_epoch_end(self) -> None:
+        """Logs codebook usage of the hard codes over the validation set (``val/code_perplexity``, ...)."""
+        self._log_code_usage(self._val_code_counts, "val")
+
+    def _log_code_usage(self, counts: Tensor | None, stage: str) -> None:
+        """Logs the perplexity and the never-chosen (dead) codes of a histogram summed over ranks."""
+        if counts is None:
             return
-        counts = self._code_counts
         if self._trainer is not None and self.trainer.world_size > 1:
             gathered = self.all_gather(counts)
             if not isinstance(gathered, Tensor):
                 raise RuntimeError(f"all_gather returned {type(gathered).__name__}, expected a tensor")
             counts = gathered.sum(dim=0)
         dead = float((counts == 0).sum())
-        self.log("train/dead_codes", dead, sync_dist=True)  # equal on every rank after the gather
-        self.log("train/epoch_code_perplexity", code_perplexity(counts), sync_dist=True)
+        # Equal on every rank after the gather, so sync_dist averages identical values.
+        self.log(f"{stage}/dead_codes", dead, sync_dist=True)
+        name = "epoch_code_perplexity" if stage == "train" else "code_perplexity"
+        self.log(f"{stage}/{name}", code_perplexity(counts), sync_dist=True)
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Hard codes at temperature 1 (the official validation): patch and whole-cloud Chamfer distances."""
+        """Hard codes at temperature 1 (the official validation): patch and whole-cloud Chamfer distances.
+
+        The hard codes of every batch also enter the validation codebook histogram (perplexity, dead codes).
+        """
         points = self.batch_points(batch)
         groups = self.dvae.group(points)
         out = self.dvae(
@@ -209,6 +226,8 @@ class PointDVAE(PretrainModule):
             generator=self._noise(-1, batch_idx),
         )
         loss_coarse, loss_fine = self.reconstruction_losses(out, groups)
+        counts = torch.bincount(out.logits.argmax(-1).flatten(), minlength=self.dvae_spec.codebook_size)
+        self._val_code_counts = counts if self._val_code_counts is None else self._val_code_counts + counts
         whole = (out.fine + groups.centers.unsqueeze(2)).flatten(1, 2).float()
         size = points.shape[0]
         metrics = {

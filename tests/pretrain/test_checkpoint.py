@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,16 @@ def test_export_errors(tmp_path: Path) -> None:
 
 def test_git_sha_is_best_effort(tmp_path: Path) -> None:
     assert ckpt_mod.git_sha(tmp_path) == "unknown"
+
+
+def test_git_sha_names_the_pcpt_checkout_not_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = Path(ckpt_mod.__file__).resolve().parents[1]
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, check=False
+    )
+    if head.returncode != 0:
+        pytest.skip("pcpt is not running from a git checkout")
+    monkeypatch.chdir(tmp_path)  # not a repository
+    assert ckpt_mod.git_sha() == head.stdout.strip()

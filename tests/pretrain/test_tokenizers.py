@@ -92,7 +92,9 @@ def test_forward_matches_official_layout_reference(gen: torch.Generator) -> None
     ours, official = _tiny_pair()
     neighborhood, center = ref.group_reference(_clouds(2), 16, 8)
     logits = ours.logits(neighborhood, center)
-    torch.testing.assert_close(logits, official.logits(neighborhood, center), atol=1e-5, rtol=1e-5)
+    # float32 rounding: the mini-PointNet sums in another order than Conv1d (about 1e-6), and the DGCNN's
+    # GroupNorms amplify that to about 1e-5 on logits of magnitude 3.
+    torch.testing.assert_close(logits, official.logits(neighborhood, center), atol=1e-4, rtol=1e-4)
     codes = torch.softmax(torch.randn(2, 16, 12, generator=gen), -1)
     for a, b in zip(ours.decode(codes, center), official.decode(codes, center)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -171,8 +173,8 @@ def test_import_official_dvae_gives_official_token_ids(
         torch.testing.assert_close(
             tokenizer.logits(groups.neighborhoods, groups.centers),
             official.logits(*ref.group_reference(clouds, 16, 8)),
-            atol=1e-5,
-            rtol=1e-5,
+            atol=1e-4,  # float32 summation order (see test_forward_matches_official_layout_reference)
+            rtol=1e-4,
         )
     assert torch.equal(ids, expected_ids)
     assert len(expected_ids.unique()) > 2  # a test that could tell wrong ids apart

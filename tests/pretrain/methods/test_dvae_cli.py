@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
 import torch
 
+from datapipes.datamodule import PointCloudDataModule
 from pretrain.cli import main as pretrain_main
+from pretrain.methods.dvae import code_perplexity
 from pretrain.tokenizers import load_tokenizer
 from tests.pretrain.methods.tiny_cli import RUNTIME, config
 
@@ -74,3 +77,28 @@ def test_resume_continues_the_schedules_exactly(demo: Path, tmp_path: Path) -> N
     assert a["pcpt"]["kind"] == "dvae_tokenizer"
     for key, value in b["state_dict"].items():  # same data, Gumbel noise and schedules after resuming
         torch.testing.assert_close(a["state_dict"][key], value, msg=key)
+
+
+def test_validation_logs_reconstruction_and_codebook_usage(demo: Path, tmp_path: Path) -> None:
+    """val/code_perplexity and val/dead_codes equal a histogram of the exported tokenizer's ids."""
+    art = tmp_path / "tok"
+    argv = ["fit", *TINY, f"--data.data_root={demo}", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_epochs=1", f"--export_dir={art}", "--data.val_split=test",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
+            "--trainer.logger.name=csv"]  # fmt: skip
+    assert pretrain_main(argv) == 0
+    with (tmp_path / "csv" / "version_0" / "metrics.csv").open() as f:
+        rows = [row for row in csv.DictReader(f) if row.get("val/code_perplexity")]
+    assert len(rows) == 1
+    logged = rows[0]
+
+    tokenizer, _ = load_tokenizer(art)
+    tokenizer.eval()
+    data = PointCloudDataModule(str(demo), num_points=64, batch_size=4, num_workers=0, val_split="test")
+    data.setup("validate")
+    ids = torch.cat([tokenizer.tokenize(batch.points)[1].flatten() for batch in data.val_dataloader()])
+    counts = torch.bincount(ids, minlength=16)
+    assert float(logged["val/dead_codes"]) == float((counts == 0).sum())
+    assert float(logged["val/code_perplexity"]) == pytest.approx(float(code_perplexity(counts)), rel=1e-5)
+    assert 1.0 <= float(logged["val/code_perplexity"]) <= 16 - float(logged["val/dead_codes"]) + 1e-4
+    assert float(logged["val/cdl1"]) > 0

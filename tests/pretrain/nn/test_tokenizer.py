@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -47,6 +49,33 @@ def net(gen: torch.Generator) -> MiniPointNet:
 def test_matches_pointwise_reference(net: MiniPointNet, gen: torch.Generator) -> None:
     patches = torch.randn(2, 3, 5, 3, generator=gen)
     torch.testing.assert_close(net(patches), _mini_pointnet_reference(net, patches), atol=1e-5, rtol=1e-5)
+
+
+def _official_conv1d_forward(net: MiniPointNet, patches: torch.Tensor) -> torch.Tensor:
+    """The official formulation: channels-first Conv1d, the global feature concatenated to every point."""
+    b, g, k, c = patches.shape
+    x = patches.reshape(b * g, k, c).transpose(1, 2)
+    feat = net.first_conv(x)
+    feat = torch.cat([feat.amax(dim=2, keepdim=True).expand(-1, -1, k), feat], dim=1)
+    return net.second_conv(feat).amax(dim=2).reshape(b, g, net.out_dim)
+
+
+def test_training_mode_matches_official_conv1d_formulation(gen: torch.Generator) -> None:
+    """Outputs, BatchNorm running statistics and gradients agree with the literal Conv1d computation."""
+    fast = MiniPointNet(24).train()
+    official = copy.deepcopy(fast)
+    patches = torch.randn(3, 4, 7, 3, generator=gen)
+    out_fast, out_official = fast(patches), _official_conv1d_forward(official, patches)
+    torch.testing.assert_close(out_fast, out_official, atol=1e-5, rtol=1e-5)
+    weights = torch.randn(out_fast.shape, generator=gen)
+    (out_fast * weights).sum().backward()
+    (out_official * weights).sum().backward()
+    for (name, a), (_, b) in zip(fast.named_parameters(), official.named_parameters(), strict=True):
+        assert a.grad is not None
+        assert b.grad is not None
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4, msg=name)
+    for (name, a), (_, b) in zip(fast.named_buffers(), official.named_buffers(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_official_names_and_conv_shapes() -> None:
