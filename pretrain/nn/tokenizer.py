@@ -17,9 +17,10 @@ class MiniPointNet(nn.Module):
 
     Per point: Conv1d 3→128, BN, ReLU, Conv1d 128→256; max over the K points gives a 256-d global feature
     that is concatenated to every per-point feature (512); then Conv1d 512→512, BN, ReLU, Conv1d 512→out
-    and a max over the K points. The forward pass computes exactly this (a test keeps a literal Conv1d
-    reference), as channels-last matmuls and with the global half of ``second_conv[0]`` applied once per patch
-    instead of once per point: about half the multiply-adds of the widest layer.
+    and a max over the K points. The forward pass computes this function (equal up to float rounding; a test
+    keeps the literal Conv1d form as its reference) as channels-last matmuls, with the global half of
+    ``second_conv[0]`` applied once per patch instead of once per point: half the multiply-adds of the widest
+    layer.
 
     Args:
         out_dim: output width (``encoder_channel``: 384 in Point-MAE, 256 in Point-BERT).
