@@ -19,23 +19,18 @@ from torch import Tensor
 
 from pretrain.losses import dvae_kl_uniform
 from pretrain.methods.base import PretrainModule
-from pretrain.ops import chamfer_distance
 from pretrain.ops.grouping import PatchGroups
 from pretrain.schedules import cosine_ramp
+from pretrain.tokenizer_eval import (
+    code_perplexity,
+    hard_code_batch_metrics,
+    reconstruction_losses,
+    validation_noise_seed,
+)
 from pretrain.tokenizers import TOKENIZER_KIND, DiscreteVAE, DVAEOutput, DVAESpec, save_tokenizer
 from pretrain.training import derive_seed
 
 __all__ = ["PointDVAE", "code_perplexity"]
-
-
-def code_perplexity(counts: Tensor) -> Tensor:
-    """``exp(entropy)`` of a code histogram: 1 when one code is used, V when all V are used equally.
-
-    Shapes:
-        counts: (V,) non-negative counts. returns: () float.
-    """
-    p = counts.float() / counts.sum().clamp_min(1)
-    return torch.exp(-(p * p.clamp_min(1e-12).log()).sum())
 
 
 class PointDVAE(PretrainModule):
@@ -146,10 +141,7 @@ class PointDVAE(PretrainModule):
     @staticmethod
     def reconstruction_losses(out: DVAEOutput, groups: PatchGroups) -> tuple[Tensor, Tensor]:
         """Chamfer-L1 of the coarse and of the fine patches against the true patches, over all B·G patches."""
-        target = groups.neighborhoods.flatten(0, 1).float()
-        coarse = chamfer_distance(out.coarse.flatten(0, 1).float(), target, variant="l1")
-        fine = chamfer_distance(out.fine.flatten(0, 1).float(), target, variant="l1")
-        return coarse, fine
+        return reconstruction_losses(out, groups)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         points = self.batch_points(batch)
@@ -215,28 +207,16 @@ class PointDVAE(PretrainModule):
         """Hard codes at temperature 1 (the official validation): patch and whole-cloud Chamfer distances.
 
         The hard codes of every batch also enter the validation codebook histogram (perplexity, dead codes).
+        ``pcpt-pretrain eval-tokenizer`` computes the same metrics from a tokenizer artifact.
         """
         points = self.batch_points(batch)
-        groups = self.dvae.group(points)
-        out = self.dvae(
-            groups.neighborhoods,
-            groups.centers,
-            temperature=1.0,
-            hard=True,
-            generator=self._noise(-1, batch_idx),
-        )
-        loss_coarse, loss_fine = self.reconstruction_losses(out, groups)
-        counts = torch.bincount(out.logits.argmax(-1).flatten(), minlength=self.dvae_spec.codebook_size)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(validation_noise_seed(self.seed, self.global_rank, batch_idx))
+        metrics, counts = hard_code_batch_metrics(self.dvae, points, generator)
         self._val_code_counts = counts if self._val_code_counts is None else self._val_code_counts + counts
-        whole = (out.fine + groups.centers.unsqueeze(2)).flatten(1, 2).float()
-        size = points.shape[0]
-        metrics = {
-            "val/loss_recon": loss_coarse + loss_fine,
-            "val/cdl1": chamfer_distance(whole, points.float(), variant="l1"),
-            "val/cdl2": chamfer_distance(whole, points.float(), variant="l2"),
-        }
-        self.log_dict(metrics, batch_size=size, sync_dist=True)
-        return metrics["val/loss_recon"]
+        self.log_dict({f"val/{name}": value for name, value in metrics.items()}, batch_size=points.shape[0],
+                      sync_dist=True)  # fmt: skip
+        return metrics["loss_recon"]
 
     # ---------------------------------------------------------------------------------------- handoff
     def exported_module_metadata(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,9 @@ def test_resume_continues_the_schedules_exactly(demo: Path, tmp_path: Path) -> N
         torch.testing.assert_close(a["state_dict"][key], value, msg=key)
 
 
-def test_validation_logs_reconstruction_and_codebook_usage(demo: Path, tmp_path: Path) -> None:
+def test_validation_logs_reconstruction_and_codebook_usage(
+    demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """val/code_perplexity and val/dead_codes equal a histogram of the exported tokenizer's ids."""
     art = tmp_path / "tok"
     argv = ["fit", *TINY, f"--data.data_root={demo}", f"--trainer.default_root_dir={tmp_path}",
@@ -102,3 +105,30 @@ def test_validation_logs_reconstruction_and_codebook_usage(demo: Path, tmp_path:
     assert float(logged["val/code_perplexity"]) == pytest.approx(float(code_perplexity(counts)), rel=1e-5)
     assert 1.0 <= float(logged["val/code_perplexity"]) <= 16 - float(logged["val/dead_codes"]) + 1e-4
     assert float(logged["val/cdl1"]) > 0
+
+    # The artifact-side evaluation reports the same numbers for the same split, batches and noise seed.
+    capsys.readouterr()
+    argv = ["eval-tokenizer", str(art), "--data", str(demo), "--split", "test", "--batch-size", "4", "--json"]
+    assert pretrain_main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_clouds"] == 8
+    assert report["dead_codes"] == int(float(logged["val/dead_codes"]))
+    for name in ("code_perplexity", "cdl1", "cdl2", "loss_recon"):
+        assert report[name] == pytest.approx(float(logged[f"val/{name}"]), rel=1e-5), name
+
+
+def test_eval_tokenizer_reports_in_words_and_rejects_bad_input(
+    demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    art = tmp_path / "tok"
+    argv = ["fit", *TINY, f"--data.data_root={demo}", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_epochs=1", f"--export_dir={art}"]  # fmt: skip
+    assert pretrain_main(argv) == 0
+    capsys.readouterr()
+    assert pretrain_main(["eval-tokenizer", str(art), "--data", str(demo)]) == 0
+    out = capsys.readouterr().out
+    assert "8 clouds" in out
+    assert "codebook perplexity" in out
+    assert pretrain_main(["eval-tokenizer", str(art), "--data", str(demo), "--split", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert pretrain_main(["eval-tokenizer", str(tmp_path), "--data", str(demo)]) == 2
