@@ -165,8 +165,9 @@ def build_parser() -> CliParser:
 
     parser = CliParser(
         prog=PROG,
-        description="pcpt pre-training tools: write encoder artifacts (encoder.safetensors + encoder.json) "
-        "from pcpt Lightning checkpoints or from official Point-MAE / Point-BERT weights.",
+        description="pcpt pre-training tools: pre-train, write encoder artifacts (encoder.safetensors + "
+        "encoder.json) from pcpt Lightning checkpoints or from official Point-MAE / Point-BERT weights, and "
+        "evaluate dVAE tokenizer artifacts.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CliParser, required=True)
     sub.add_parser(
