@@ -50,7 +50,7 @@ __all__ = [
     "make_provenance",
     "module_from_lightning_ckpt",
     "read_artifact_meta",
-    "read_lightning_ckpt",
+    "read_checkpoint_file",
     "save_artifact",
     "save_encoder",
     "save_module_artifact",
@@ -423,11 +423,11 @@ def lightning_ckpt_meta(
     }
 
 
-def read_lightning_ckpt(ckpt_path: str | Path) -> tuple[Path, Any]:
-    """Reads a Lightning checkpoint with ``torch.load(weights_only=True)`` onto the CPU.
+def read_checkpoint_file(ckpt_path: str | Path) -> tuple[Path, Any]:
+    """Reads a pcpt Lightning or official checkpoint with ``torch.load(weights_only=True)`` onto the CPU.
 
     Returns:
-        (the path, the loaded object; the caller checks that it is a pcpt checkpoint of the kind it wants).
+        (the path, the loaded object; the caller checks that it is a checkpoint of the kind it wants).
 
     Raises:
         ArtifactError: no such file, or a file ``weights_only`` loading cannot read.
@@ -523,7 +523,7 @@ def export_from_lightning_ckpt(ckpt_path: str | Path, out_dir: str | Path, **pro
         ArtifactError: unreadable file or not a pcpt checkpoint.
         RuntimeError: encoder weights that do not match the stored spec.
     """
-    src, ckpt = read_lightning_ckpt(ckpt_path)
+    src, ckpt = read_checkpoint_file(ckpt_path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get(CKPT_META_KEY), dict):
         raise ArtifactError(f"{src}: not a pcpt Lightning checkpoint (no {CKPT_META_KEY!r} metadata)")
     if not isinstance(ckpt.get("state_dict"), dict):

@@ -35,7 +35,13 @@ import torch
 from torch import Tensor
 
 from datapipes.errors import UserError
-from pretrain.checkpoint import git_sha, load_state_strict, read_artifact_meta, save_module_artifact
+from pretrain.checkpoint import (
+    git_sha,
+    load_state_strict,
+    read_artifact_meta,
+    read_checkpoint_file,
+    save_module_artifact,
+)
 from pretrain.encoders import DataContract, EncoderSpec, build_encoder
 from pretrain.tokenizers import TOKENIZER_KIND, DiscreteVAE, infer_dvae_spec
 
@@ -333,13 +339,7 @@ def import_official(
     """
     if fmt not in REMAPS:
         raise UserError(f"unknown checkpoint format {fmt!r}; known: {', '.join(sorted(REMAPS))}")
-    path = Path(src)
-    if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and torch errors all mean "cannot read this file"
-        raise UserError(f"{path}: cannot read checkpoint with torch.load(weights_only=True): {err}") from err
+    path, obj = read_checkpoint_file(src)
     try:
         state = extract_state_dict(obj)
         remapped = REMAPS[fmt](state)

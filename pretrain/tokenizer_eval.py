@@ -20,6 +20,7 @@ from pretrain.tokenizers import DiscreteVAE, DVAEOutput
 from pretrain.training import derive_seed
 
 __all__ = [
+    "code_counts",
     "code_perplexity",
     "evaluate_tokenizer",
     "hard_code_batch_metrics",
@@ -36,6 +37,11 @@ def code_perplexity(counts: Tensor) -> Tensor:
     """
     p = counts.float() / counts.sum().clamp_min(1)
     return torch.exp(-(p * p.clamp_min(1e-12).log()).sum())
+
+
+def code_counts(logits: Tensor, codebook_size: int) -> Tensor:
+    """Histogram of the deterministic token ids (argmax of the logits). Shapes: (..., V) -> (V,) long."""
+    return torch.bincount(logits.argmax(-1).flatten(), minlength=codebook_size)
 
 
 def reconstruction_losses(out: DVAEOutput, groups: PatchGroups) -> tuple[Tensor, Tensor]:
@@ -75,8 +81,7 @@ def hard_code_batch_metrics(
         "cdl1": chamfer_distance(whole, points.float(), variant="l1"),
         "cdl2": chamfer_distance(whole, points.float(), variant="l2"),
     }
-    counts = torch.bincount(out.logits.argmax(-1).flatten(), minlength=dvae.spec.codebook_size)
-    return metrics, counts
+    return metrics, code_counts(out.logits, dvae.spec.codebook_size)
 
 
 @torch.no_grad()

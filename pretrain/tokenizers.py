@@ -38,7 +38,7 @@ from pretrain.checkpoint import (
     load_artifact_tensors,
     load_state_strict,
     module_from_lightning_ckpt,
-    read_lightning_ckpt,
+    read_checkpoint_file,
     save_module_artifact,
 )
 from pretrain.encoders.base import group_by_spec
@@ -345,7 +345,7 @@ def export_tokenizer_from_lightning_ckpt(
         ArtifactError: unreadable file, not a pcpt tokenizer checkpoint, or invalid metadata.
         RuntimeError: weights that do not fit the stored spec.
     """
-    src, ckpt = read_lightning_ckpt(ckpt_path)
+    src, ckpt = read_checkpoint_file(ckpt_path)
     info = ckpt.get(CKPT_META_KEY) if isinstance(ckpt, dict) else None
     if not isinstance(info, dict) or info.get("kind") != TOKENIZER_KIND:
         raise ArtifactError(f"{src}: not a pcpt dVAE tokenizer checkpoint (no {TOKENIZER_KIND!r} metadata)")

@@ -19,18 +19,18 @@ from torch import Tensor
 
 from pretrain.losses import dvae_kl_uniform
 from pretrain.methods.base import PretrainModule
-from pretrain.ops.grouping import PatchGroups
 from pretrain.schedules import cosine_ramp
 from pretrain.tokenizer_eval import (
+    code_counts,
     code_perplexity,
     hard_code_batch_metrics,
     reconstruction_losses,
     validation_noise_seed,
 )
-from pretrain.tokenizers import TOKENIZER_KIND, DiscreteVAE, DVAEOutput, DVAESpec, save_tokenizer
+from pretrain.tokenizers import TOKENIZER_KIND, DiscreteVAE, DVAESpec, save_tokenizer
 from pretrain.training import derive_seed
 
-__all__ = ["PointDVAE", "code_perplexity"]
+__all__ = ["PointDVAE"]
 
 
 class PointDVAE(PretrainModule):
@@ -138,11 +138,6 @@ class PointDVAE(PretrainModule):
         generator.manual_seed(derive_seed(self.seed, self.global_rank, *parts))
         return generator
 
-    @staticmethod
-    def reconstruction_losses(out: DVAEOutput, groups: PatchGroups) -> tuple[Tensor, Tensor]:
-        """Chamfer-L1 of the coarse and of the fine patches against the true patches, over all B·G patches."""
-        return reconstruction_losses(out, groups)
-
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         points = self.batch_points(batch)
         it = int(self.global_step)
@@ -154,10 +149,10 @@ class PointDVAE(PretrainModule):
             temperature=temperature,
             generator=self._noise(it, batch_idx),
         )
-        loss_coarse, loss_fine = self.reconstruction_losses(out, groups)
+        loss_coarse, loss_fine = reconstruction_losses(out, groups)
         kl = dvae_kl_uniform(out.logits)
         loss = loss_coarse + loss_fine + kl_weight * kl
-        counts = torch.bincount(out.logits.argmax(-1).flatten(), minlength=self.dvae_spec.codebook_size)
+        counts = code_counts(out.logits, self.dvae_spec.codebook_size)
         self._code_counts = counts if self._code_counts is None else self._code_counts + counts
         size = points.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)

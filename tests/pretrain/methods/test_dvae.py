@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.methods.dvae import PointDVAE, code_perplexity
+from pretrain.methods.dvae import PointDVAE
 from pretrain.ops import chamfer_distance
+from pretrain.tokenizer_eval import code_perplexity
 from pretrain.tokenizers import TOKENIZER_KIND, DVAESpec, load_tokenizer
 from tests.pretrain import dvae_reference as dref
 

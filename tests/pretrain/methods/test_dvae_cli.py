@@ -11,7 +11,7 @@ import torch
 
 from datapipes.datamodule import PointCloudDataModule
 from pretrain.cli import main as pretrain_main
-from pretrain.methods.dvae import code_perplexity
+from pretrain.tokenizer_eval import code_perplexity
 from pretrain.tokenizers import load_tokenizer
 from tests.pretrain.methods.tiny_cli import RUNTIME, config
 
