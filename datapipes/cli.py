@@ -18,6 +18,7 @@ from typing import Any
 
 from datapipes._version import __version__
 from datapipes.errors import UserError, run_cli
+from datapipes.progress import Progress
 
 __all__ = ["build_parser", "main"]
 
@@ -28,10 +29,8 @@ _OPTIONAL_PARSERS = (
 )
 
 
-def _progress(total: int, desc: str) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="shard", file=sys.stderr, disable=None, leave=False)
+def _progress(total: int, desc: str) -> Progress:
+    return Progress(total, desc, "shard")
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:

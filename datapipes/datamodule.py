@@ -6,6 +6,10 @@ seeded ``DistributedSampler``. Validation is always map-style and in memory, so 
 sampler splits it evenly. Data randomness depends on ``(seed, rank, worker, epoch)`` and the epoch is read
 from the trainer at the start of every epoch, so a run resumed from a checkpoint at an epoch boundary
 continues with the data it would have seen.
+
+Damaged data stops training with an error naming the shard: every reader checks each shard's sample count
+against the manifest, that the tar is complete and that point arrays are finite. ``verify=True`` also hashes
+every shard against the manifest's sha256 before training starts.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch.utils.data.distributed import DistributedSampler
 from datapipes.errors import UserError
 from datapipes.memory import InMemoryPointDataset
 from datapipes.pipeline import EpochLoader, collate, make_train_loader, resolve_rank
-from datapipes.shards import MANIFEST_NAME, read_manifest, shard_paths
+from datapipes.shards import MANIFEST_NAME, check_shard_hashes, read_manifest, shard_paths
 from datapipes.transforms import Compose, NormalizeUnitSphere, TakePoints, Transform, build_augment
 
 __all__ = ["PointCloudDataModule"]
@@ -38,7 +42,8 @@ class PointCloudDataModule(pl.LightningDataModule):
         data_root: shard folder (``manifest.json`` inside), e.g. written by ``pcpt-data synth``.
         train_split: split used for training.
         val_split: split used for validation (``None``: no validation).
-        num_points: points per cloud in every batch.
+        num_points: points per cloud in every batch; at most the smallest stored cloud (``points.min`` in the
+            manifest), clouds are never padded with repeated points.
         batch_size: per-device batch size.
         num_workers: DataLoader worker processes.
         batches_per_epoch: training batches per epoch on every rank; default: train samples //
@@ -50,13 +55,17 @@ class PointCloudDataModule(pl.LightningDataModule):
         point_sampling: how training takes ``num_points``: ``"random"`` (without replacement) or
             ``"first"`` (the FPS subsample of FPS-ordered shards). Validation always takes the FPS subsample.
         fps_pool: with ``"random"`` on FPS-ordered shards, draw from the first ``fps_pool`` points (1200 for
-            1024 reproduces Point-MAE fine-tuning).
+            1024 reproduces Point-MAE fine-tuning); an upper bound, capped at the stored cloud size.
         normalize: centre and scale every selected cloud into the unit sphere (before augmentation).
         normals: put normals into batches.
         point_features: per-point fields (``"feat"``, ``"curv"``) concatenated into ``feats``.
         images: put one image view per cloud into batches.
         shuffle_buffer: per-worker shuffle buffer of the streaming pipeline.
         val_batch_size: validation batch size (default ``batch_size``).
+        verify: in :meth:`setup`, hash every shard of the train and validation splits and compare it with the
+            manifest's sha256 (reads the whole dataset once, with progress on stderr). Without it
+            the readers still check each shard's structure, sample count and finite point arrays as they
+            read; the hashes also catch changed bytes that still decode.
     """
 
     def __init__(
@@ -79,6 +88,7 @@ class PointCloudDataModule(pl.LightningDataModule):
         images: bool = False,
         shuffle_buffer: int = 1000,
         val_batch_size: int | None = None,
+        verify: bool = False,
     ) -> None:
         super().__init__()
         if num_points < 1 or batch_size < 1 or num_workers < 0:
@@ -100,6 +110,8 @@ class PointCloudDataModule(pl.LightningDataModule):
         self.normals, self.point_features, self.images = normals, tuple(point_features or ()), images
         self.shuffle_buffer = shuffle_buffer
         self.val_batch_size = val_batch_size or batch_size
+        self.verify = verify
+        self._verified = False
         self._val_set: InMemoryPointDataset | None = None
         self.save_hyperparameters()
 
@@ -138,6 +150,14 @@ class PointCloudDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return None if trainer is None else int(trainer.current_epoch)
 
+    def _trainer_progress(self) -> tuple[int, int] | None:
+        """(epoch, batches of it trained) as a checkpoint saved now records them (for mid-epoch resume)."""
+        trainer = self.trainer
+        if trainer is None:
+            return None
+        current = trainer.fit_loop.epoch_loop.batch_progress.current
+        return int(trainer.current_epoch), int(getattr(current, "processed", current.completed))
+
     def _split_samples(self, split: str) -> int:
         splits = self.manifest["splits"]
         if split not in splits:
@@ -165,10 +185,27 @@ class PointCloudDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------------------------------ hooks
     def setup(self, stage: str | None = None) -> None:
-        """Checks that the manifest and the requested splits exist."""
+        """Checks the manifest, the requested splits and ``num_points``; with ``verify``, every shard's hash.
+
+        Raises:
+            UserError: for a missing split or ``num_points`` above the smallest stored cloud.
+            ShardFormatError: with ``verify``, naming the first shard whose sha256 differs from the manifest.
+        """
         self._split_samples(self.train_split)
         if self.val_split is not None:
             self._split_samples(self.val_split)
+        points = self.manifest.get("points")
+        stored = points.get("min") if isinstance(points, dict) else None
+        if isinstance(stored, int) and stored < self.num_points:
+            raise UserError(
+                f"{self.data_root}: num_points {self.num_points} requested, but the smallest stored cloud "
+                f"has {stored} points; ask for at most {stored} (--data.num_points)"
+            )
+        if self.verify and not self._verified:
+            splits = [self.train_split] + ([self.val_split] if self.val_split is not None else [])
+            rank, _ = self._rank()
+            check_shard_hashes(self.data_root, splits, manifest=self.manifest, progress=rank == 0)
+            self._verified = True
 
     def default_batches_per_epoch(self) -> int:
         """``batches_per_epoch`` or train samples // (batch_size × world_size)."""
@@ -183,6 +220,15 @@ class PointCloudDataModule(pl.LightningDataModule):
                 f"batch ({self.batch_size} x {world_size} ranks); lower batch_size or set batches_per_epoch"
             )
         return batches
+
+    def train_batches_per_epoch(self) -> int:
+        """Training batches per epoch on this rank (what :meth:`train_dataloader` yields), without loading."""
+        if self.streaming:
+            return self.default_batches_per_epoch()
+        _, world_size = self._rank()
+        per_rank = self._split_samples(self.train_split) // world_size  # DistributedSampler, drop_last
+        batches = per_rank // self.batch_size
+        return batches if self.batches_per_epoch is None else min(batches, self.batches_per_epoch)
 
     def train_dataloader(self) -> EpochLoader:
         """Training batches; exactly :meth:`default_batches_per_epoch` per rank and epoch when streaming."""
@@ -202,6 +248,7 @@ class PointCloudDataModule(pl.LightningDataModule):
                 point_features=self.point_features,
                 images=self.images,
                 epoch_source=self._trainer_epoch,
+                progress_source=self._trainer_progress,
             )
         fps = bool(self.manifest.get("fps_ordered", False))
         preload = self.num_points if self.point_sampling == "first" else (self.fps_pool if fps else None)
@@ -214,6 +261,7 @@ class PointCloudDataModule(pl.LightningDataModule):
             normals=self.normals,
             point_features=self.point_features,
             images=self.images,
+            cap_to_stored=preload != self.num_points,  # an FPS pool is an upper bound
         )
         sampler: DistributedSampler[int] = DistributedSampler(
             dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed, drop_last=True
@@ -238,7 +286,11 @@ class PointCloudDataModule(pl.LightningDataModule):
             dataset.set_epoch(epoch)
 
         return EpochLoader(
-            _Capped(loader, length), length=length, on_epoch=on_epoch, epoch_source=self._trainer_epoch
+            _Capped(loader, length),
+            length=length,
+            on_epoch=on_epoch,
+            epoch_source=self._trainer_epoch,
+            progress_source=self._trainer_progress,
         )
 
     def _eval_loader(self) -> DataLoader[Any] | list[Any]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from datapipes.errors import UserError
+from datapipes.progress import Progress
 
 DEFAULT_THRESHOLD = 0.006
 """Default descriptor distance below which two clouds are reported (jittered copies with σ ≤ 0.005 of the
@@ -98,15 +98,16 @@ def load_descriptors(
     Raises:
         UserError: missing/invalid manifest, damaged shard, or a cloud the descriptor cannot use.
     """
-    from datapipes.shards import iter_shard_samples, read_manifest, shard_paths
+    from datapipes.shards import iter_shard_samples, manifest_shard_samples, read_manifest, shard_paths
 
     root = Path(root)
     manifest = read_manifest(root)
+    counts = manifest_shard_samples(manifest)
     vectors: list[np.ndarray] = []
     entries: list[Entry] = []
     for split in sorted(manifest["splits"]):
         for path in shard_paths(root, split, manifest):
-            for sample in iter_shard_samples(path, fields=("xyz",)):
+            for sample in iter_shard_samples(path, fields=("xyz",), expected=counts.get(path.name)):
                 try:
                     vectors.append(shape_descriptor(sample["xyz"]))
                 except ValueError as err:
@@ -257,11 +258,13 @@ def add_dedup_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_dedup(args: argparse.Namespace) -> int:
     """Handler of ``pcpt-data dedup``; returns 0 (duplicates are reported, not an error)."""
-    from tqdm import tqdm
-
     if args.threshold < 0:
         raise UserError(f"--threshold must be >= 0, got {args.threshold}")
-    with tqdm(unit="cloud", desc="dedup", disable=args.quiet, file=sys.stderr) as bar:
+    from datapipes.shards import read_manifest
+
+    roots = [args.out] if args.against is None else [args.out, args.against]
+    total = sum(int(info["samples"]) for root in roots for info in read_manifest(root)["splits"].values())
+    with Progress(total, "dedup", "cloud", disable=args.quiet) as bar:
         report = dedup(args.out, args.against, threshold=args.threshold, progress=bar.update)
     print(json.dumps(report, indent=2) if args.json else format_dedup(report, args.limit))
     return 0

@@ -9,6 +9,7 @@ chunking or the completion order.
 
 - :class:`LocalEngine` with ``workers=1`` runs in the calling process; with ``workers>1`` it uses a
   ``spawn`` process pool (safe with open3d and threads) and small chunks inside each job for load balance.
+  Its workers exit on their own when the process that started them dies, even by ``SIGKILL``.
 - :class:`RayEngine` runs the same function through Ray Data (``ray.data.from_items(...).map_batches(...)``)
   on a local Ray instance, or on the cluster at ``address``. Ray is an optional extra
   (``pip install pcpt[ray]``) imported only here. Results travel back as ``.npz`` bytes
@@ -23,6 +24,8 @@ import io
 import json
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -66,6 +69,31 @@ class Engine(Protocol):
     def close(self) -> None:
         """Releases workers and clusters the engine started."""
         ...
+
+
+PARENT_POLL_S = 0.2
+"""How often a pool worker checks that the process that started it is still alive."""
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)  # orphaned: nobody will collect this worker's results
+
+
+def exit_with_parent(parent: int) -> None:
+    """Pool-worker initializer: ends the worker as soon as ``parent`` is no longer its parent process.
+
+    A worker blocked on its task queue never notices that the parent was killed (``SIGKILL`` runs no
+    cleanup), so a daemon thread polls :func:`os.getppid`, which changes when the parent dies and the worker
+    is re-parented.
+
+    Args:
+        parent: pid of the process that creates the pool.
+    """
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), name="pcpt-parent-watch", daemon=True).start()
 
 
 def _run_chunk(fn: ChunkFn, items: Sequence[Any]) -> list[dict[str, Any]]:
@@ -116,7 +144,12 @@ class LocalEngine:
         self, fn: ChunkFn, jobs: Sequence[ShardJob], progress: ProgressFn | None
     ) -> Iterator[tuple[ShardJob, list[dict[str, Any]]]]:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"))
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=get_context("spawn"),
+                initializer=exit_with_parent,
+                initargs=(os.getpid(),),
+            )
         pool = self._pool
         sizes = [self._chunk(len(job.items)) for job in jobs]
         chunks = [

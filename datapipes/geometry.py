@@ -19,7 +19,8 @@ def normalize_unit_sphere(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray, floa
     """Centres a cloud on its centroid and scales it so the farthest point has norm 1.
 
     Computes in float64 for float64 input and in float32 otherwise (reductions as matrix products, which
-    is several times faster than numpy's axis reductions on ``(N, 3)`` arrays).
+    is several times faster than numpy's axis reductions on ``(N, 3)`` arrays). Finite clouds whose squared
+    distances overflow that precision are normalised in float64 after dividing by their largest magnitude.
 
     Args:
         xyz: ``(N, 3)`` points.
@@ -27,20 +28,43 @@ def normalize_unit_sphere(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray, floa
     Returns:
         ``(points (N, 3) float32, centre (3,) float32, scale)`` with ``points = (xyz - centre) / scale``; a
         cloud of identical points keeps ``scale = 1``.
+
+    Raises:
+        ValueError: wrong shape, NaN or infinite values, or a centre beyond the float32 range.
     """
     pts = np.asarray(xyz)
     if pts.ndim != 2 or pts.shape[1] != 3 or pts.shape[0] == 0:
         raise ValueError(f"xyz must have shape (N, 3) with N >= 1, got {np.shape(xyz)}")
     dtype = np.float64 if pts.dtype == np.float64 else np.float32
     pts = pts.astype(dtype, copy=False)
-    centre = (np.ones(pts.shape[0], dtype) @ pts) / pts.shape[0]
-    centred = pts - centre
-    scale = float(np.sqrt(((centred * centred) @ np.ones(3, dtype)).max()))
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is handled below
+        centre = (np.ones(pts.shape[0], dtype) @ pts) / pts.shape[0]
+        centred = pts - centre
+        scale = float(np.sqrt(((centred * centred) @ np.ones(3, dtype)).max()))
     if not np.isfinite(scale):
-        raise ValueError("xyz contains NaN or infinite values")
+        if not np.isfinite(pts).all():
+            raise ValueError("xyz contains NaN or infinite values")
+        return _normalize_large(pts)
     if scale <= 1e-12:
         scale = 1.0
     return (centred / scale).astype(np.float32, copy=False), centre.astype(np.float32), scale
+
+
+def _normalize_large(pts: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """:func:`normalize_unit_sphere` for a finite cloud whose squared distances overflow (in float64)."""
+    big = float(np.abs(pts).max())
+    unit = pts.astype(np.float64) / big
+    centre = unit.mean(axis=0)
+    centred = unit - centre
+    radius = float(np.sqrt(np.max(np.sum(centred * centred, axis=1))))
+    if radius <= 1e-12 / big:
+        radius = 1.0 / big
+    with np.errstate(over="raise"):
+        try:
+            centre32 = (centre * big).astype(np.float32)
+        except FloatingPointError:
+            raise ValueError("xyz centre is beyond the float32 range") from None
+    return (centred / radius).astype(np.float32), centre32, radius * big
 
 
 def fps_order_batch(xyz: np.ndarray, n: int | None = None, start: int = 0) -> np.ndarray:

@@ -4,6 +4,11 @@ The whole split is decoded once into arrays. Being map-style, Lightning's ``Dist
 it evenly across ranks (streaming shards cannot promise that). ``num_points`` takes the first points of each
 cloud: an FPS subsample when the manifest says the clouds are stored in FPS order, otherwise FPS is computed
 here (start index 0), so evaluation sees the same deterministic subsample everywhere.
+
+Loading checks the data against its manifest (each shard's sample count, complete tars, finite point
+arrays, labels within the class list) and stops with a :class:`~datapipes.shards.ShardFormatError` naming
+the shard; it never returns a silently shorter split. Asking for more points than the smallest stored cloud
+is an error, unless the caller treats ``num_points`` as an upper bound (``cap_to_stored=True``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from torch.utils.data import Dataset
 from datapipes.errors import UserError
 from datapipes.geometry import fps_order, fps_order_batch
 from datapipes.pipeline import POINT_FEATURES, decode_image
-from datapipes.shards import iter_shard_samples, read_manifest, shard_paths
+from datapipes.shards import iter_split_samples, read_manifest
 from datapipes.transforms import Arrays, Transform
 
 __all__ = ["InMemoryPointDataset", "load_split_arrays"]
@@ -49,16 +54,23 @@ def _load(
     split: str,
     num_points: int | None,
     fields: Sequence[str],
+    *,
+    cap_to_stored: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    if num_points is not None and num_points < 1:
+        raise ValueError(f"num_points must be >= 1, got {num_points}")
     manifest = read_manifest(root)
-    paths = shard_paths(root, split, manifest)
-    clouds = [sample for path in paths for sample in iter_shard_samples(path, fields=fields)]
+    clouds = list(iter_split_samples(root, split, fields=fields, manifest=manifest))
     if not clouds:
         raise UserError(f"{root}: split {split!r} has no samples")
     if num_points is not None:
-        if num_points < 1:
-            raise ValueError(f"num_points must be >= 1, got {num_points}")
-        n = min(num_points, min(int(c["xyz"].shape[0]) for c in clouds))
+        smallest = min(int(c["xyz"].shape[0]) for c in clouds)
+        if smallest < num_points and not cap_to_stored:
+            raise UserError(
+                f"{root}: split {split!r} stores clouds of {smallest} points (the smallest), fewer than the "
+                f"{num_points} requested; ask for at most {smallest} points"
+            )
+        n = min(num_points, smallest)
         if not manifest.get("fps_ordered", False):
             _fps_prefix(clouds, n)
         for cloud in clouds:
@@ -69,25 +81,32 @@ def _load(
 
 
 def load_split_arrays(
-    root: str | Path, split: str, num_points: int | None
+    root: str | Path, split: str, num_points: int | None, *, cap_to_stored: bool = False
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """All clouds of one split as arrays (for probes, few-shot and embedding).
+
+    Every shard is checked against the manifest while it is read (sample count, complete tar, finite point
+    arrays, labels within the class list); file hashes are checked only by
+    :func:`datapipes.shards.check_shard_hashes`.
 
     Args:
         root: shard folder.
         split: split name, e.g. ``"train"``.
-        num_points: points per cloud, taken in FPS order (the first ``num_points`` of FPS-ordered storage);
-            capped at the smallest stored cloud, as the official loaders cap their FPS pool. ``None``
-            keeps all points (every cloud must then have the same count).
+        num_points: points per cloud, taken in FPS order (the first ``num_points`` of FPS-ordered storage).
+            ``None`` keeps all points (every cloud must then have the same count).
+        cap_to_stored: treat ``num_points`` as an upper bound: take ``min(num_points, smallest stored
+            cloud)`` points, as the official loaders cap their FPS pool. Otherwise a split whose smallest
+            cloud has fewer than ``num_points`` points is an error.
 
     Returns:
         ``(xyz (S, N, 3) float32, labels (S,) int64 (-1 where unlabelled), keys)`` in shard order.
 
     Raises:
-        UserError: for a missing manifest or split, an empty split, or clouds of unequal sizes with
-            ``num_points=None``.
+        UserError: for a missing manifest or split, an empty split, clouds smaller than ``num_points``
+            (without ``cap_to_stored``), or clouds of unequal sizes with ``num_points=None``.
+        ShardFormatError: naming the shard for damaged, truncated or non-finite data or a wrong sample count.
     """
-    clouds, _ = _load(root, split, num_points, ("xyz", "label"))
+    clouds, _ = _load(root, split, num_points, ("xyz", "label"), cap_to_stored=cap_to_stored)
     counts = {int(c["xyz"].shape[0]) for c in clouds}
     if len(counts) != 1:
         raise UserError(f"{root}: split {split!r} has clouds of {len(counts)} sizes; pass num_points")
@@ -103,6 +122,8 @@ class InMemoryPointDataset(Dataset[Arrays]):
         root: shard folder.
         split: split name.
         num_points: points per cloud taken in FPS order (see :func:`load_split_arrays`); ``None`` keeps all.
+        cap_to_stored: treat ``num_points`` as an upper bound (e.g. an FPS pool) instead of refusing clouds
+            with fewer points.
         transform: optional per-item transform; its generator is seeded by ``(seed, epoch, index)``, so every
             epoch differs and any worker layout gives the same result.
         seed: base seed for the transform.
@@ -122,6 +143,7 @@ class InMemoryPointDataset(Dataset[Arrays]):
         normals: bool = False,
         point_features: Sequence[str] = (),
         images: bool = False,
+        cap_to_stored: bool = False,
     ) -> None:
         bad = [f for f in point_features if f not in POINT_FEATURES]
         if bad:
@@ -133,7 +155,7 @@ class InMemoryPointDataset(Dataset[Arrays]):
             *point_features,
             *(["images"] if images else []),
         ]
-        self.clouds, self.manifest = _load(root, split, num_points, fields)
+        self.clouds, self.manifest = _load(root, split, num_points, fields, cap_to_stored=cap_to_stored)
         self.root, self.split = Path(root), split
         self.transform, self.seed, self.images = transform, int(seed), images
         self.epoch = 0

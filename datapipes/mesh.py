@@ -78,10 +78,10 @@ def _parse_faces(lines: Sequence[str], path: Path) -> np.ndarray:
             poly = tokens[1 : 1 + tokens[0]]
             triangles.extend([poly[0], poly[i], poly[i + 1]] for i in range(1, len(poly) - 1))
         return np.array(triangles, dtype=np.int64).reshape(-1, 3)
-    except ValueError as err:
+    except (ValueError, OverflowError) as err:
         if isinstance(err, MeshError):
             raise
-        raise MeshError(f"{path}: OFF face indices are not integers ({err})") from None
+        raise MeshError(f"{path}: OFF face indices are not integers in range ({err})") from None
 
 
 def read_off(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -211,7 +211,7 @@ def sample_surface(
         ``(xyz, normal)``: float32 ``(n, 3)`` points and unit face normals (winding order of the file).
 
     Raises:
-        ValueError: ``n < 1``, no faces, non-finite vertices or zero total area.
+        ValueError: ``n < 1``, no faces, non-finite vertices, or zero or overflowing total area.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -228,6 +228,8 @@ def sample_surface(
     total = float(cumulative[-1])
     if not total > 0.0:
         raise ValueError("degenerate mesh: zero surface area")
+    if not np.isfinite(total):
+        raise ValueError("mesh surface area overflows float64 (vertex coordinates too large)")
     picked = np.searchsorted(cumulative, rng.random(n) * total, side="right")
     picked = np.minimum(picked, len(faces) - 1)
     u, v = rng.random(n), rng.random(n)

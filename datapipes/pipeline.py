@@ -3,8 +3,9 @@
 Training (:func:`make_train_loader`)::
 
     ResampledShards (seeded per seed / rank / worker / epoch)
-      -> tar -> samples (fast reader) -> seeded shuffle buffer
-      -> safe decode (npy / txt / json / png only, pickle refused)
+      -> tar -> samples (fast reader; complete tars, sample counts as in the manifest)
+      -> seeded shuffle buffer
+      -> safe decode (npy / txt / json / png only, pickle refused, point arrays finite)
       -> transforms (one np.random.Generator per worker and epoch) -> fixed-size batches (partial=False)
       -> this worker's share of batches_per_epoch
     WebLoader(batch_size=None).with_epoch(batches_per_epoch)   # on the LOADER: exact count per rank
@@ -31,7 +32,17 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from datapipes.shards import ShardFormatError, decode_members, decode_png, field_of_member, iter_shard_members
+from datapipes.shards import (
+    MANIFEST_NAME,
+    ShardFormatError,
+    decode_members,
+    decode_png,
+    field_of_member,
+    iter_shard_members,
+    manifest_members,
+    manifest_shard_samples,
+    read_manifest,
+)
 from datapipes.transforms import Arrays, Compose, Transform
 from datapipes.types import PointBatch
 
@@ -255,16 +266,41 @@ class ShardReader:
     """The ``tar -> samples`` stage: ``{"url": path}`` items in, raw samples ``(path, key, members)`` out.
 
     Uses the fast streaming reader of :mod:`datapipes.shards`: members the decoder does not need are skipped
-    on disk, pickle members are refused, and each file is closed as soon as its shard ends.
+    on disk, pickle members are refused, and each file is closed as soon as its shard ends. A shard must be
+    a complete tar holding the number of samples that the ``manifest.json`` next to it lists, each with the
+    members of the manifest's fields; otherwise a :class:`~datapipes.shards.ShardFormatError` names it (a
+    shard without a manifest beside it is only checked for completeness, and a shard of a manifest without
+    per-shard counts is not counted).
+
+    Args:
+        wants: which member suffixes to read (the others are skipped on disk).
     """
 
     def __init__(self, wants: Callable[[str], bool] | None = None) -> None:
         self.wants = wants
+        self._folders: dict[str, tuple[dict[str, int], frozenset[str]]] = {}
+
+    def contract(self, url: str) -> tuple[int | None, frozenset[str]]:
+        """``(sample count, required member suffixes)`` of the shard at ``url`` per the manifest beside it."""
+        folder, name = os.path.split(url)
+        known = self._folders.get(folder)
+        if known is None:
+            root = folder or "."
+            if os.path.isfile(os.path.join(root, MANIFEST_NAME)):
+                manifest = read_manifest(root)
+                known = (manifest_shard_samples(manifest), manifest_members(manifest))
+            else:
+                known = ({}, frozenset())
+            self._folders[folder] = known
+        return known[0].get(name), known[1]
 
     def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[RawSample]:
         for item in src:
             url = str(item["url"])
-            for key, members in iter_shard_members(url, select=self.wants):
+            expected, required = self.contract(url)
+            for key, members in iter_shard_members(
+                url, select=self.wants, expected=expected, required=required
+            ):
                 yield url, key, members
 
 
@@ -416,11 +452,18 @@ class EpochLoader:
     :meth:`set_epoch`, advancing by one after each pass.
     It is deliberately not a ``torch.utils.data.DataLoader``, so Lightning does not try to re-shard it.
 
+    Resuming inside an epoch: Lightning stores :meth:`state_dict` in its checkpoints (the epoch and how many
+    of its batches were trained, from ``progress_source``) and hands it back through :meth:`load_state_dict`
+    on resume; the first pass of the resumed run then skips the batches already trained, so it continues with
+    exactly the batches the interrupted run would have drawn next (the streams are seeded per epoch).
+
     Args:
         loader: the underlying iterable (a WebLoader with ``with_epoch`` or a DataLoader).
         length: batches per pass.
         on_epoch: called with the epoch number before each pass.
         epoch_source: returns the epoch to use, or ``None`` to use the internal counter.
+        progress_source: returns ``(epoch, batches of it trained)`` at checkpoint time (e.g. from the
+            trainer), or ``None`` when unknown.
     """
 
     def __init__(
@@ -430,19 +473,27 @@ class EpochLoader:
         length: int,
         on_epoch: Callable[[int], None],
         epoch_source: Callable[[], int | None] | None = None,
+        progress_source: Callable[[], tuple[int, int] | None] | None = None,
     ) -> None:
-        self.loader, self.length, self.on_epoch, self.epoch_source = (
-            loader,
-            int(length),
-            on_epoch,
-            epoch_source,
-        )
+        self.loader, self.length, self.on_epoch = loader, int(length), on_epoch
+        self.epoch_source, self.progress_source = epoch_source, progress_source
         self._next_epoch = 0
+        self._resume: tuple[int, int] | None = None
         self.epoch = -1
 
     def set_epoch(self, epoch: int) -> None:
         """Makes the next pass use ``epoch``."""
         self._next_epoch = int(epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batches_done"}``: where training stands in the data (saved in checkpoints)."""
+        position = self.progress_source() if self.progress_source is not None else None
+        epoch, done = position if position is not None else (self.epoch, 0)
+        return {"epoch": int(epoch), "batches_done": int(done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Makes the next pass skip the batches a checkpoint says were trained, if it is the same epoch."""
+        self._resume = (int(state.get("epoch", -1)), int(state.get("batches_done", 0)))
 
     def __iter__(self) -> Iterator[PointBatch]:
         return self._run()
@@ -453,8 +504,17 @@ class EpochLoader:
         source = self.epoch_source() if self.epoch_source is not None else None
         self.epoch = self._next_epoch if source is None else int(source)
         self._next_epoch = self.epoch + 1
+        skip = 0
+        if self._resume is not None:
+            epoch, done = self._resume
+            self._resume = None
+            if epoch == self.epoch and 0 < done < self.length:
+                skip = done
         self.on_epoch(self.epoch)
-        yield from self.loader
+        batches = iter(self.loader)
+        for _ in itertools.islice(batches, skip):  # drawn and dropped: the streams stay in step
+            pass
+        yield from batches
 
     def __len__(self) -> int:
         return self.length
@@ -475,6 +535,7 @@ def make_train_loader(
     point_features: Sequence[str] = (),
     images: bool = False,
     epoch_source: Callable[[], int | None] | None = None,
+    progress_source: Callable[[], tuple[int, int] | None] | None = None,
     pin_memory: bool = False,
     persistent_workers: bool = True,
 ) -> EpochLoader:
@@ -494,6 +555,7 @@ def make_train_loader(
         point_features: per-point fields concatenated into ``feats``.
         images: include one image per sample.
         epoch_source: see :class:`EpochLoader`.
+        progress_source: see :class:`EpochLoader`.
         pin_memory: pin batches (GPU training).
         persistent_workers: keep worker processes between epochs (their stages restart at every pass with
             the new epoch's seeds, so results do not depend on it).
@@ -525,7 +587,11 @@ def make_train_loader(
     )
     loader = loader.map(_finish_batch).with_epoch(batches_per_epoch)
     return EpochLoader(
-        loader, length=batches_per_epoch, on_epoch=pipeline.set_epoch, epoch_source=epoch_source
+        loader,
+        length=batches_per_epoch,
+        on_epoch=pipeline.set_epoch,
+        epoch_source=epoch_source,
+        progress_source=progress_source,
     )
 
 

@@ -14,6 +14,7 @@ mode), so the same samples give byte-identical shards.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -27,22 +28,25 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 
 from datapipes._version import __version__
 from datapipes.errors import UserError
+from datapipes.progress import Progress
 from datapipes.types import Rejection, Sample
 
 __all__ = [
     "FORMAT",
+    "LOCK_NAME",
     "MANIFEST_NAME",
     "PICKLE_SUFFIXES",
     "PROGRESS_DIR",
     "REJECTED_NAME",
     "ShardFormatError",
     "ShardSetWriter",
+    "check_shard_hashes",
     "decode_members",
     "decode_npy",
     "decode_png",
@@ -52,7 +56,10 @@ __all__ = [
     "field_of_member",
     "iter_shard_members",
     "iter_shard_samples",
+    "iter_split_samples",
     "iter_tar_members",
+    "manifest_members",
+    "manifest_shard_samples",
     "read_manifest",
     "sha256_file",
     "shard_name",
@@ -454,7 +461,10 @@ def decode_members(
         PNG/JPEG bytes (in view order) and ``meta`` a dict.
 
     Raises:
-        ShardFormatError: for a pickle member (always checked, whatever ``fields``) or an undecodable member.
+        ShardFormatError: naming ``where`` and the member, for a pickle member (always checked, whatever
+            ``fields``), an undecodable member, a negative label, or point arrays that are not finite floats
+            of the shapes pcpt writes (``xyz`` and ``normal`` ``(N, 3)``, ``curv`` ``(N,)`` or ``(N, 1)``,
+            ``feat`` ``(N, C)``).
     """
     for suffix in members:
         if _is_pickle_suffix(suffix):
@@ -472,9 +482,11 @@ def decode_members(
         elif suffix == "cls.txt":
             if wanted is None or "label" in wanted:
                 try:
-                    out["label"] = int(bytes(data).decode().strip())
+                    out["label"] = label = int(bytes(data).decode().strip())
                 except (UnicodeDecodeError, ValueError) as err:
                     raise ShardFormatError(f"{where}: member {key}.{suffix} is not an integer label") from err
+                if label < 0:
+                    raise ShardFormatError(f"{where}: member {key}.{suffix} holds a negative label ({label})")
         elif suffix == "meta.json":
             if wanted is None or "meta" in wanted:
                 try:
@@ -487,7 +499,58 @@ def decode_members(
         out["images"] = [data for _, data in sorted(views, key=lambda v: v[0])]
     if (wanted is None or "xyz" in wanted) and "xyz" not in out:
         raise ShardFormatError(f"{where}: sample {key} has no xyz.npy member")
+    _check_points(key, out, where)
     return out
+
+
+def _check_points(key: str, sample: Mapping[str, Any], where: str) -> None:
+    """Refuses decoded point fields that are not finite floating-point arrays of the shapes pcpt writes.
+
+    A damaged byte in a payload can turn a coordinate into NaN or infinity; that is reported here, naming the
+    shard and member, instead of as a NaN loss later. Cheap enough for the training hot path (one
+    ``isfinite`` pass per array).
+    """
+    xyz = sample.get("xyz")
+    rows = None
+    if xyz is not None:
+        shape = xyz.shape
+        if len(shape) != 2 or shape[1] != 3 or shape[0] < 1 or xyz.dtype.kind != "f":
+            raise ShardFormatError(
+                f"{where}: member {key}.xyz.npy holds {xyz.dtype} {shape}, expected float (N, 3)"
+            )
+        if np.count_nonzero(np.isfinite(xyz)) != xyz.size:  # cheaper than np.isfinite(xyz).all()
+            raise _not_finite(where, key, "xyz.npy")
+        rows = shape[0]
+    for name, suffix, tails in _OTHER_POINT_FIELDS:
+        arr = sample.get(name)
+        if arr is None:
+            continue
+        shape = arr.shape
+        if (
+            arr.dtype.kind != "f"
+            or not shape
+            or (rows is not None and shape[0] != rows)
+            or (tails is not None and shape[1:] not in tails)
+            or (tails is None and len(shape) != 2)
+        ):
+            raise ShardFormatError(
+                f"{where}: member {key}.{suffix} holds {arr.dtype} {shape}, which does not fit xyz "
+                f"{None if xyz is None else xyz.shape}"
+            )
+        if np.count_nonzero(np.isfinite(arr)) != arr.size:
+            raise _not_finite(where, key, suffix)
+
+
+#: per-point fields besides xyz: (field, member suffix, allowed trailing shapes; None: (N, C) for any C).
+_OTHER_POINT_FIELDS: tuple[tuple[str, str, tuple[tuple[int, ...], ...] | None], ...] = (
+    ("normal", "normal.npy", ((3,),)),
+    ("curv", "curv.npy", ((), (1,))),
+    ("feat", "feat.npy", None),
+)
+
+
+def _not_finite(where: str, key: str, suffix: str) -> ShardFormatError:
+    return ShardFormatError(f"{where}: member {key}.{suffix} holds NaN or infinite values (a damaged shard)")
 
 
 # ------------------------------------------------------------------------------------------------ tar io
@@ -596,7 +659,9 @@ def iter_tar_members(
 
     A small streaming reader (header checksums verified; ustar, GNU long names and pax paths/sizes
     understood; directories and links skipped), several times faster than :mod:`tarfile` on shards of many
-    small members.
+    small members. It is strict: a file must end with the end-of-archive zero block that every tar writer
+    (pcpt's included) appends, so a file cut at a member boundary is reported as truncated, not read as a
+    shorter archive.
 
     Args:
         path: the tar file.
@@ -608,20 +673,31 @@ def iter_tar_members(
     where = Path(path).name
     try:
         with open(path, "rb", buffering=1 << 20) as f:
+            file_size = os.fstat(f.fileno()).st_size
             long_name: bytes | None = None
             pax: dict[str, str] = {}
             while True:
                 header = f.read(512)
-                if not header or header == _ZERO_BLOCK:
+                if header == _ZERO_BLOCK:
                     return
+                if not header:
+                    raise ShardFormatError(
+                        f"{where}: truncated: the file ends at byte {file_size} without the tar "
+                        "end-of-archive blocks"
+                    )
                 if len(header) < 512:
-                    raise ShardFormatError(f"{where}: truncated tar header")
+                    raise ShardFormatError(f"{where}: truncated tar header at byte {f.tell() - len(header)}")
                 if _tar_number(header[148:156]) != _header_sum(header):
                     raise ShardFormatError(
                         f"{where}: damaged tar header at byte {f.tell() - 512} (bad checksum)"
                     )
                 kind = header[156:157]
                 size = int(pax["size"]) if "size" in pax else _tar_number(header[124:136])
+                if not 0 <= size <= file_size:  # a damaged size field: never allocate for it
+                    raise ShardFormatError(
+                        f"{where}: truncated tar member at byte {f.tell() - 512} ({size} bytes announced, "
+                        f"the file has {file_size})"
+                    )
                 pad = -size % 512
                 if kind in (b"L", b"x", b"g"):
                     data = f.read(size)
@@ -667,7 +743,11 @@ def _split_member(name: str, where: str) -> tuple[str, str]:
 
 
 def iter_shard_members(
-    path: str | Path, *, select: Callable[[str], bool] | None = None
+    path: str | Path,
+    *,
+    select: Callable[[str], bool] | None = None,
+    expected: int | None = None,
+    required: Iterable[str] = (),
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yields ``(key, {suffix: bytes})`` per sample of one tar shard, without decoding anything.
 
@@ -675,12 +755,21 @@ def iter_shard_members(
         path: the shard.
         select: keep only members whose suffix (``"xyz.npy"``, ...) it accepts; the others are skipped on
             disk (but still checked for pickles).
+        expected: the number of samples the manifest lists for this shard (see
+            :func:`manifest_shard_samples`); a shard holding more or fewer is an error. ``None`` skips the
+            count check.
+        required: member suffixes every sample must hold (see :func:`manifest_members`); only those that
+            ``select`` accepts are checked.
 
     Raises:
-        ShardFormatError: if the file is not a readable tar, a member has no key/suffix, a member is a
-            pickle, a member name repeats or a key's members are not contiguous.
+        ShardFormatError: if the file is not a complete, readable tar, a member has no key/suffix, a member is
+            a pickle, a member name repeats, a key's members are not contiguous, a sample lacks a ``required``
+            member or the sample count differs from ``expected`` (raised when the extra sample starts, or at
+            the end of a short shard).
     """
     where = Path(path).name
+    needed = frozenset(s for s in required if select is None or select(s))
+    count = 0
     seen: set[str] = set()
     key: str | None = None
     members: dict[str, bytes] = {}
@@ -704,30 +793,190 @@ def iter_shard_members(
             )
         if member_key != key:
             if key is not None:
+                if not members.keys() >= needed:
+                    raise _missing_members(where, key, needed - members.keys())
                 yield key, members
             if member_key in seen:
                 raise ShardFormatError(f"{where}: key {member_key!r} appears in two separate runs")
             seen.add(member_key)
+            count += 1
+            if expected is not None and count > expected:
+                raise ShardFormatError(
+                    f"{where}: holds more than the {expected} samples its manifest lists (extra key "
+                    f"{member_key!r}); the shard was changed after the conversion"
+                )
             key, members = member_key, {}
         if suffix in members:
             raise ShardFormatError(f"{where}: duplicate member {name}")
         if data is not None:
             members[suffix] = data
     if key is not None:
+        if not members.keys() >= needed:
+            raise _missing_members(where, key, needed - members.keys())
         yield key, members
+    if expected is not None and count != expected:
+        raise ShardFormatError(
+            f"{where}: ends after {count} samples, its manifest lists {expected} (a truncated or replaced "
+            "shard); re-run the conversion or restore the file"
+        )
 
 
-def iter_shard_samples(path: str | Path, *, fields: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
+def _missing_members(where: str, key: str, missing: Iterable[str]) -> ShardFormatError:
+    names = ", ".join(f"{key}.{suffix}" for suffix in sorted(missing))
+    return ShardFormatError(f"{where}: sample {key} lacks member(s) {names} that its manifest lists")
+
+
+def iter_shard_samples(
+    path: str | Path,
+    *,
+    fields: Iterable[str] | None = None,
+    expected: int | None = None,
+    required: Iterable[str] = (),
+) -> Iterator[dict[str, Any]]:
     """Decoded samples of one shard: ``{"key", "xyz", ..., "label", "images", "meta"}`` (see decode_members).
 
+    Args:
+        path: the shard.
+        fields: decode only these fields (``None``: all).
+        expected: the sample count the manifest lists for the shard (see :func:`manifest_shard_samples`);
+            ``None`` skips the count check. :func:`iter_split_samples` passes it for every shard.
+        required: member suffixes every sample must hold (see :func:`manifest_members`); only those of the
+            decoded ``fields`` are checked.
+
     Raises:
-        ShardFormatError: naming the shard and member for a pickle member or damaged data.
+        ShardFormatError: naming the shard (and member) for a pickle member, damaged or non-finite data, a
+            missing member, a truncated file or a sample count other than ``expected``.
     """
     wanted = None if fields is None else frozenset(fields)
     name = Path(path).name
     select = None if wanted is None else (lambda suffix: field_of_member(suffix) in wanted)
-    for key, members in iter_shard_members(path, select=select):
+    for key, members in iter_shard_members(path, select=select, expected=expected, required=required):
         yield decode_members(key, members, where=name, fields=wanted)
+
+
+def manifest_members(manifest: Mapping[str, Any]) -> frozenset[str]:
+    """Member suffixes every sample must hold according to the manifest's ``fields`` (images aside)."""
+    fields = manifest.get("fields")
+    return frozenset(_expected_members(fields if isinstance(fields, Mapping) else {}))
+
+
+def manifest_shard_samples(manifest: Mapping[str, Any], split: str | None = None) -> dict[str, int]:
+    """The sample count the manifest lists for each shard (of ``split``, or of every split).
+
+    Read from ``shard_samples``; a manifest written before it existed gives the split total for a split of
+    one shard, and nothing for the shards of larger splits (:func:`iter_split_samples` then checks the
+    split total).
+    """
+    listed = manifest.get("shard_samples")
+    listed = listed if isinstance(listed, Mapping) else {}
+    counts: dict[str, int] = {}
+    for name, info in manifest["splits"].items():
+        if split is not None and name != split:
+            continue
+        shards = info["shards"]
+        for shard in shards:
+            if shard in listed:
+                counts[shard] = int(listed[shard])
+            elif len(shards) == 1:
+                counts[shard] = int(info["samples"])
+    return counts
+
+
+def iter_split_samples(
+    root: str | Path,
+    split: str,
+    *,
+    fields: Iterable[str] | None = None,
+    manifest: Mapping[str, Any] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Decoded samples of every shard of ``split``, in manifest order, checked against the manifest.
+
+    Each shard must hold the number of samples its manifest lists and end with a complete tar; every sample
+    must hold the members of the manifest's fields, every point array must be finite (see
+    :func:`decode_members`) and every label index a class of the manifest. For a manifest without per-shard
+    counts the split's total is checked after its last shard. File hashes are
+    not checked here (see :func:`check_shard_hashes`).
+
+    Args:
+        root: the shard folder.
+        split: the split to read.
+        fields: decode only these fields (``None``: all).
+        manifest: the folder's manifest, if already read.
+
+    Raises:
+        UserError: for a missing or invalid manifest or split.
+        ShardFormatError: naming the shard for a damaged, truncated or unsafe shard or a wrong sample count.
+    """
+    manifest = read_manifest(root) if manifest is None else manifest
+    paths = shard_paths(root, split, manifest)
+    counts = manifest_shard_samples(manifest, split)
+    required = manifest_members(manifest)
+    classes = len(manifest.get("classes") or [])
+    total = 0
+    for path in paths:
+        expected = counts.get(path.name)
+        for sample in iter_shard_samples(path, fields=fields, expected=expected, required=required):
+            if classes and sample.get("label", 0) >= classes:
+                raise ShardFormatError(
+                    f"{path.name}: sample {sample['key']} has label {sample['label']}, but the manifest "
+                    f"lists {classes} classes"
+                )
+            total += 1
+            yield sample
+    want = int(manifest["splits"][split]["samples"])
+    if total != want:
+        names = ", ".join(p.name for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+        raise ShardFormatError(
+            f"{Path(root)}: split {split!r} holds {total} samples in its shards ({names}), its manifest "
+            f"lists {want}; run pcpt-data inspect to find the damaged shard"
+        )
+
+
+def check_shard_hashes(
+    root: str | Path,
+    splits: Iterable[str] | None = None,
+    *,
+    manifest: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> None:
+    """Hashes every shard of ``splits`` and compares it with the manifest's sha256; stops at the first bad.
+
+    The readers already check each shard's structure, sample count and finite point arrays while reading;
+    this full check also catches changed bytes that still decode (e.g. a moved coordinate), at the cost of
+    reading the whole dataset once.
+
+    Args:
+        root: the shard folder.
+        splits: the splits to check (``None``: every split of the manifest).
+        manifest: the folder's manifest, if already read.
+        progress: report progress on stderr (a bar on a terminal, periodic lines otherwise).
+
+    Raises:
+        UserError: for a missing or invalid manifest or split.
+        ShardFormatError: naming the first shard that is missing, unreadable or whose sha256 differs.
+    """
+    root = Path(root)
+    manifest = read_manifest(root) if manifest is None else manifest
+    names = list(manifest["splits"]) if splits is None else list(dict.fromkeys(splits))
+    paths = [path for split in names for path in shard_paths(root, split, manifest)]
+    shas = manifest.get("sha256") or {}
+    with Progress(len(paths), f"sha256 {root.name}", "shard", disable=not progress) as bar:
+        for path in paths:
+            expected = shas.get(path.name)
+            if not isinstance(expected, str):
+                raise ShardFormatError(f"{path.name}: no sha256 in {root / MANIFEST_NAME}")
+            try:
+                digest = sha256_file(path)
+            except OSError as err:
+                raise ShardFormatError(
+                    f"{path}: missing or unreadable shard ({err.strerror or err})"
+                ) from err
+            if digest != expected:
+                raise ShardFormatError(
+                    f"{path.name}: sha256 differs from {root / MANIFEST_NAME} (the file changed or is "
+                    "damaged); run pcpt-data inspect for details"
+                )
+            bar.update()
 
 
 # ------------------------------------------------------------------------------------------------ manifest
@@ -759,7 +1008,16 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     for split, info in manifest["splits"].items():
         if not isinstance(info, dict) or not isinstance(info.get("shards"), list) or "samples" not in info:
             raise UserError(f"{path}: split {split!r} needs 'shards' (list) and 'samples'")
+        if not _is_count(info["samples"]) or not all(isinstance(n, str) for n in info["shards"]):
+            raise UserError(f"{path}: split {split!r} needs shard names and an integer sample count")
+    counts = manifest.get("shard_samples", {})
+    if not isinstance(counts, dict) or not all(_is_count(n) for n in counts.values()):
+        raise UserError(f"{path}: 'shard_samples' must map shard names to integer sample counts")
     return manifest
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _expected_members(fields: Mapping[str, Any]) -> set[str]:
@@ -891,8 +1149,78 @@ def _field_spec(members: Sequence[tuple[str, bytes]], arrays: Mapping[str, np.nd
     return spec
 
 
+LOCK_NAME = "lock"
+"""The writer's lock file in ``OUT/.pcpt-progress/`` (an advisory ``flock``; it holds the writer's pid)."""
+
+
+def _lock_holder(fd: int) -> str:
+    """The pid written in a lock file held by another writer (it writes it right after locking)."""
+    import time
+
+    for _ in range(20):
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if text.isdigit():
+            return text
+        time.sleep(0.01)
+    return "unknown"
+
+
+_TMP_RE = re.compile(r"^\.(.+)\.tmp-\d+$")
+
+
+def _valid_text(value: Any) -> Any:
+    r"""``value`` with every string made valid Unicode: undecodable file-name bytes become ``\xNN``.
+
+    Paths built from non-UTF-8 file names carry lone surrogates (``surrogateescape``), which cannot be
+    written as UTF-8; they are spelled ``\xff`` instead so manifests, progress records and
+    ``rejected.jsonl`` stay valid UTF-8 JSON.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            try:
+                raw = value.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                return value.encode("utf-8", "backslashreplace").decode("utf-8")
+            return raw.decode("utf-8", "backslashreplace")
+        return value
+    if isinstance(value, dict):
+        return {_valid_text(k): _valid_text(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_valid_text(v) for v in value]
+    return value
+
+
+def _pcpt_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest at ``path`` if it is one pcpt wrote (``pcpt-shards/1``, ``created_by: pcpt ...``)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        return None
+    created_by = data.get("created_by")
+    return data if isinstance(created_by, str) and created_by.startswith("pcpt ") else None
+
+
+def _listing(names: Sequence[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 class ShardSetWriter:
     """Writes a shard folder shard by shard, so an interrupted conversion resumes where it stopped.
+
+    The writer only ever replaces its own files (shards, ``manifest.json``, ``rejected.jsonl``,
+    ``.pcpt-progress/``). It accepts a new or empty folder, or a folder holding a pcpt conversion with the
+    same options (which it resumes); it refuses any other non-empty folder before writing anything. A
+    folder is a pcpt one when it has ``.pcpt-progress/options.json`` or a manifest written by pcpt.
+
+    While it exists (until :meth:`finalize` or :meth:`close`, also usable as a context manager) the writer
+    holds an advisory lock on ``OUT/.pcpt-progress/lock``, so a second writer on the same folder is
+    refused instead of doing the same work again. The operating system releases the lock when the process
+    ends, however it ends; a lock file left behind is harmless.
 
     Args:
         out: the shard folder (created if missing).
@@ -900,30 +1228,90 @@ class ShardSetWriter:
             stored as the manifest's ``source``. A folder holding a run with different options is refused.
 
     Raises:
-        UserError: if ``out`` is a file, holds a run with different options (naming the differing keys), or
-            holds tar files not written by pcpt.
+        UserError: if ``out`` is a file, holds files not written by pcpt, holds a run with different options
+            (naming the differing keys), or another writer is writing there (naming its pid).
         ValueError: if ``options`` is not JSON-serialisable.
     """
 
     def __init__(self, out: str | Path, *, options: Mapping[str, Any]) -> None:
         self.out = Path(out)
         try:
-            self.options: dict[str, Any] = json.loads(_dumps(dict(options)))
+            self.options: dict[str, Any] = _valid_text(json.loads(_dumps(dict(options))))
         except (TypeError, ValueError) as err:
             raise ValueError(f"options must be JSON-serialisable: {err}") from err
         self._progress = self.out / PROGRESS_DIR
         self._manifest_dropped = False
+        self._lock_fd: int | None = None
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"{self.out}: exists and is not a folder")
+        self._check_folder()  # before writing anything: a refused folder is left untouched
+        self._progress.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        try:
+            self._check_folder()  # again under the lock: another writer may have started in between
+            options_path = self._progress / "options.json"
+            if not options_path.is_file():
+                _write_text_atomic(options_path, _dumps(self.options) + "\n")
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> ShardSetWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # also at interpreter exit, when modules may be gone
+            self.close()
+
+    def close(self) -> None:
+        """Releases the folder lock (idempotent; :meth:`finalize` calls it)."""
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
+
+    def _lock(self) -> None:
+        """Takes the folder lock, or raises :class:`UserError` naming the pid of the writer holding it."""
+        if self._lock_fd is not None or os.name != "posix":
+            return
+        import fcntl
+
+        fd = os.open(self._progress / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise UserError(f"{self.out}: another conversion is writing here (pid {holder})") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _check_folder(self) -> None:
+        """Refuses a folder that is not empty and not a pcpt one, or a pcpt run with other options."""
+        if not self.out.is_dir():
+            return
         previous = self._previous_options()
-        if previous is None and self.out.is_dir():
-            strays = sorted(p.name for p in self.out.glob("*.tar"))
-            if strays:
+        manifest = self.out / MANIFEST_NAME
+        if previous is None:
+            foreign = sorted(p.name for p in self.out.iterdir() if p.name != PROGRESS_DIR)
+            if foreign:
                 raise UserError(
-                    f"{self.out}: holds tar files not written by a pcpt conversion ({strays[0]}, ...); "
-                    "choose an empty or new output folder"
+                    f"{self.out}: not empty and not a pcpt output folder: holds files not written by a pcpt "
+                    f"conversion ({_listing(foreign)}); choose an empty or new output folder"
                 )
-        if previous is not None and previous != self.options:
+            return
+        if manifest.exists() and _pcpt_manifest(manifest) is None:
+            raise UserError(
+                f"{manifest}: not a manifest written by pcpt; move it out of {self.out} or choose another "
+                "output folder"
+            )
+        if previous != self.options:
             differing = sorted(
                 k for k in set(previous) | set(self.options) if previous.get(k) != self.options.get(k)
             )
@@ -931,22 +1319,21 @@ class ShardSetWriter:
                 f"{self.out}: holds a conversion with different options ({', '.join(differing)}); "
                 "choose another output folder, or delete this one to start over"
             )
-        self._progress.mkdir(parents=True, exist_ok=True)
-        options_path = self._progress / "options.json"
-        if not options_path.is_file():
-            _write_text_atomic(options_path, _dumps(self.options) + "\n")
 
     def _previous_options(self) -> dict[str, Any] | None:
-        for path, pick in ((self._progress / "options.json", None), (self.out / MANIFEST_NAME, "source")):
-            if not path.is_file():
-                continue
+        """The options of the pcpt run in the folder (progress record first, then manifest), or ``None``."""
+        path = self._progress / "options.json"
+        if path.is_file():
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, ValueError) as err:
                 raise UserError(f"{path}: unreadable ({err}); delete {self.out} to start over") from err
-            value = data.get(pick) if pick and isinstance(data, dict) else data
-            if isinstance(value, dict):
-                return value
+            if isinstance(data, dict):
+                return data
+            raise UserError(f"{path}: not a JSON object; delete {self.out} to start over")
+        manifest = _pcpt_manifest(self.out / MANIFEST_NAME)
+        if manifest is not None and isinstance(manifest.get("source"), dict):
+            return dict(manifest["source"])
         return None
 
     def _record_path(self, split: str, index: int) -> Path:
@@ -979,8 +1366,10 @@ class ShardSetWriter:
         redo it; empty shards are left out of the manifest.
 
         Raises:
+            UserError: another writer holds the folder (after :meth:`close`).
             ValueError: for a malformed sample or rejection, duplicate keys, or samples with different fields.
         """
+        self._lock()
         name = shard_name(split, index)
         encoded: list[tuple[str, list[tuple[str, bytes]]]] = []
         fields: dict[str, Any] | None = None
@@ -988,6 +1377,8 @@ class ShardSetWriter:
         keys: set[str] = set()
         point_counts: list[int] = []
         for sample in samples:
+            if "meta" in sample:
+                sample = cast(Sample, {**sample, "meta": _valid_text(sample["meta"])})
             key, members = encode_sample(sample)
             if key in keys:
                 raise ValueError(f"{name}: duplicate sample key {key!r}")
@@ -1006,7 +1397,7 @@ class ShardSetWriter:
         for item in rejected:
             if not all(isinstance(item.get(k), str) for k in ("source", "reason", "split")):
                 raise ValueError(f"{name}: a rejection needs string source, reason and split, got {item!r}")
-            rejections.append({"source": item["source"], "reason": item["reason"], "split": item["split"]})
+            rejections.append({k: _valid_text(item[k]) for k in ("source", "reason", "split")})
         if not self._manifest_dropped:
             (self.out / MANIFEST_NAME).unlink(missing_ok=True)  # the folder is no longer a finished dataset
             self._manifest_dropped = True
@@ -1039,22 +1430,30 @@ class ShardSetWriter:
         classes: Sequence[str],
         fps_ordered: bool,
         extra: Mapping[str, Any] | None = None,
+        require_samples: bool = False,
     ) -> dict[str, Any]:
         """Checks every expected shard, then writes ``rejected.jsonl`` and ``manifest.json`` (last).
+
+        Releases the folder lock when done (see :meth:`close`).
 
         Args:
             num_shards: shards per split, e.g. ``{"train": 12, "test": 3}``.
             classes: class names; labels index into it (may be empty for unlabelled data).
             fps_ordered: whether every cloud is stored in farthest-point order.
             extra: more top-level manifest entries (must not reuse reserved keys).
+            require_samples: a set without any sample is a failure: ``rejected.jsonl`` is written (the
+                reasons), no manifest, and the progress records of the empty shards are dropped so that a
+                re-run (e.g. after fixing the inputs) reads every item again.
 
         Returns:
             The manifest written.
 
         Raises:
-            UserError: if shards are incomplete, fields differ between shards or a label has no class.
+            UserError: if shards are incomplete, fields differ between shards, a label has no class, or
+                there is no sample under ``require_samples``.
             ValueError: if ``extra`` reuses a reserved manifest key.
         """
+        self._lock()
         extra = dict(extra or {})
         clash = sorted(set(extra) & set(_MANIFEST_KEYS))
         if clash:
@@ -1070,7 +1469,7 @@ class ShardSetWriter:
             raise UserError(
                 f"{self.out}: {len(missing)} shard(s) not complete ({listed}); re-run the conversion"
             )
-        classes = list(classes)
+        classes = [_valid_text(str(c)) for c in classes]
         splits: dict[str, dict[str, Any]] = {}
         shas: dict[str, str] = {}
         shard_samples: dict[str, int] = {}
@@ -1110,6 +1509,16 @@ class ShardSetWriter:
                 pmax = pts["max"] if pmax is None else max(pmax, pts["max"])
             splits[split] = {"shards": names, "samples": total}
             counts[split] = dict(per_class)
+        if require_samples and not any(info["samples"] for info in splits.values()):
+            _write_text_atomic(self.out / REJECTED_NAME, "".join(_dumps(r) + "\n" for r in rejections))
+            for split, n in num_shards.items():
+                for i in range(n):
+                    self._record_path(split, i).unlink(missing_ok=True)
+            self.close()
+            raise UserError(
+                f"{self.out}: all {len(rejections)} input items were rejected, no samples to write "
+                f"(reasons in {self.out / REJECTED_NAME})"
+            )
         manifest: dict[str, Any] = {
             "format": FORMAT,
             "splits": splits,
@@ -1127,7 +1536,17 @@ class ShardSetWriter:
         }
         _write_text_atomic(self.out / REJECTED_NAME, "".join(_dumps(r) + "\n" for r in rejections))
         _write_text_atomic(self.out / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        for folder in (self.out, self._progress):
-            for stray in folder.glob(f".*{_TMP_MARK}*"):
-                stray.unlink(missing_ok=True)
+        self._remove_temporaries()
+        self.close()
         return manifest
+
+    def _remove_temporaries(self) -> None:
+        """Deletes temporary files an interrupted writer left (only names pcpt's own writes use)."""
+        for folder, own in ((self.out, True), (self._progress, False)):
+            for entry in folder.iterdir() if folder.is_dir() else ():
+                match = _TMP_RE.match(entry.name)
+                if not match or not entry.is_file():
+                    continue
+                target = match.group(1)
+                if not own or target in (MANIFEST_NAME, REJECTED_NAME) or _SHARD_RE.match(target):
+                    entry.unlink(missing_ok=True)

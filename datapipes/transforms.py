@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from datapipes.errors import UserError
 from datapipes.geometry import normalize_unit_sphere
 from datapipes.types import POINT_FIELDS
 
@@ -98,13 +99,18 @@ class TakePoints:
             ``"random"`` draws ``n`` without replacement, from the first ``pool`` points when ``pool`` is set
             (Point-MAE fine-tuning: FPS to 1200, then a random 1024) or from all points.
         pool: size of the stored prefix that ``"random"`` draws from (capped at the cloud size).
+        top_up: let a cloud with fewer than ``n`` points keep all of them, topped up with points drawn with
+            replacement. Off by default: such a cloud is an error (duplicated points would change what a
+            model sees without saying so).
 
-    A cloud with fewer than ``n`` points keeps all of them, topped up with points drawn with replacement.
+    Raises:
+        UserError: when called on a cloud with fewer than ``n`` points and ``top_up`` is off.
     """
 
     n: int
     mode: Literal["first", "random"] = "first"
     pool: int | None = None
+    top_up: bool = False
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -117,6 +123,10 @@ class TakePoints:
     def __call__(self, sample: Arrays, rng: np.random.Generator) -> Arrays:
         count = int(sample["xyz"].shape[0])
         if count < self.n:
+            if not self.top_up:
+                raise UserError(
+                    f"sample {sample.get('key')!r} has {count} points, fewer than the {self.n} requested"
+                )
             extra = rng.integers(0, count, size=self.n - count)
             return _select(sample, np.concatenate([np.arange(count), extra]))
         if self.mode == "first":

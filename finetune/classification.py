@@ -19,11 +19,12 @@ from torch import Tensor, nn
 
 from datapipes.errors import UserError
 from finetune.augment import random_point_subset, scale_and_translate
+from finetune.features import check_data_contract
 from pretrain.checkpoint import load_encoder, read_artifact_meta
 from pretrain.encoders import build_encoder
 from pretrain.encoders.base import PointEncoder
 from pretrain.encoders.spec import EncoderSpec
-from pretrain.training import configure_adamw_cosine, seeded_generator
+from pretrain.training import configure_adamw_cosine, seed_step_randomness, seeded_generator
 
 __all__ = ["PointClassifier", "classification_head"]
 
@@ -73,7 +74,9 @@ class PointClassifier(pl.LightningModule):
         pool_points: training draws ``num_points`` of the first ``pool_points`` stored points (1200 for 1024).
         augment: apply scale-and-translate during training.
         vote_views: augmented views averaged for the voting accuracy at test time (0 disables).
-        seed: seed of the per-step sampling / augmentation generators.
+        seed: seed of the per-step sampling / augmentation generators and of the dropout draws.
+        strict_contract: refuse data whose point count differs from the artifact's data contract (off:
+            finetune at another point count, e.g. 2048 points from a 1024-point pre-training).
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class PointClassifier(pl.LightningModule):
         augment: bool = True,
         vote_views: int = 10,
         seed: int = 0,
+        strict_contract: bool = True,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -106,7 +110,7 @@ class PointClassifier(pl.LightningModule):
         self.label_smoothing = label_smoothing
         self.lr, self.weight_decay, self.warmup_epochs, self.min_lr = lr, weight_decay, warmup_epochs, min_lr
         self.num_points, self.pool_points, self.augment = num_points, pool_points, augment
-        self.vote_views, self.seed = vote_views, seed
+        self.vote_views, self.seed, self.strict_contract = vote_views, seed, strict_contract
         self.encoder, self.artifact_meta = self._build_encoder(pretrained, encoder, drop_path, freeze_encoder)
         feature_dim = 2 * self.encoder.embed_dim
         self.cls_head_finetune = classification_head(feature_dim, num_classes, head)
@@ -136,16 +140,39 @@ class PointClassifier(pl.LightningModule):
             encoder.mask_token.requires_grad_(False)  # only used by BERT-style pre-training
         return encoder, meta
 
-    def check_data(self, num_points: int, normalization: str | None) -> None:
-        """Raises a UserError when the data does not match the artifact's data contract."""
-        contract = self.artifact_meta.get("data_contract") or {}
-        want = contract.get("normalization")
-        if want and normalization and want != normalization:
+    def check_data(self, num_points: int, normalization: str | None, *, data_root: str = "data") -> list[str]:
+        """Checks the data against the pretrained artifact's data contract (nothing to check from scratch).
+
+        Args:
+            num_points: points per cloud the data module feeds.
+            normalization: the data's normalisation (from its manifest), or None when unknown.
+            data_root: named in messages.
+
+        Returns:
+            Warnings for the caller to show (a point count changed on purpose, an unknown normalisation).
+
+        Raises:
+            UserError: another normalisation than the contract's; another point count than the contract's
+                unless ``strict_contract`` is off; fewer points than the encoder's patch grouping needs.
+        """
+        spec = self.encoder.spec
+        if num_points < max(spec.num_groups, spec.group_size):
             raise UserError(
-                f"data normalisation {normalization!r} does not match the encoder's contract {want!r}"
+                f"{data_root}: {num_points} points per cloud are fewer than the encoder's "
+                f"{spec.num_groups} groups / {spec.group_size} points per group"
             )
-        if num_points != self.num_points:
-            raise UserError(f"data num_points {num_points} != model num_points {self.num_points}")
+        if self.hparams.get("pretrained") is None:
+            return []
+        try:
+            return check_data_contract(
+                self.artifact_meta,
+                num_points,
+                normalization,
+                allow_num_points_change=not self.strict_contract,
+                override_hint="pass --model.strict_contract false to finetune at {n} points on purpose",
+            )
+        except UserError as err:
+            raise UserError(f"{data_root} vs {self.hparams['pretrained']}: {err}") from err
 
     # -------------------------------------------------------------------------------------------- forward
     def forward(self, points: Tensor) -> Tensor:
@@ -161,6 +188,10 @@ class PointClassifier(pl.LightningModule):
 
     def _generator(self, batch_idx: int, stream: int) -> torch.Generator:
         return seeded_generator(self.seed, self.global_rank, self.global_step, batch_idx, stream)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Seeds the default generators for this step (dropout in the head, drop-path in the encoder)."""
+        seed_step_randomness(self.seed, "layers", self.global_rank, self.global_step, batch_idx)
 
     def _train_view(self, points: Tensor, generator: torch.Generator) -> Tensor:
         pool = points[:, : self.pool_points]

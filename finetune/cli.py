@@ -38,34 +38,29 @@ PROG = "pcpt-finetune"
 ModelT = TypeVar("ModelT")
 
 
-def _load_artifact(
-    loader: Callable[[Path], tuple[ModelT, dict[str, Any]]], path: Path
-) -> tuple[ModelT, dict[str, Any]]:
-    """Runs an artifact loader, turning weights that do not fit the spec into a :class:`UserError`."""
-    from pretrain.checkpoint import WeightsMismatchError
-
-    try:
-        return loader(path)
-    except WeightsMismatchError as err:
-        raise UserError(str(err)) from err
-
-
 def _cmd_embed(args: argparse.Namespace) -> int:
     """``embed``: features of an encoder artifact, or token ids (B, G) of a dVAE tokenizer artifact."""
-    from finetune.embed import embed_clouds, load_clouds, tokenize_clouds, write_features
+    from finetune.embed import (
+        check_features_destination,
+        embed_clouds,
+        load_clouds,
+        tokenize_clouds,
+        write_features,
+    )
     from pretrain.checkpoint import load_encoder, read_artifact_meta
     from pretrain.tokenizers import TOKENIZER_KIND, load_tokenizer
 
+    check_features_destination(args.out)  # before any work
     device = resolve_device(args.device)
     run: Callable[..., dict[str, np.ndarray]]
     if read_artifact_meta(args.artifact).get("kind") == TOKENIZER_KIND:
-        tokenizer, meta = _load_artifact(load_tokenizer, args.artifact)
+        tokenizer, meta = load_tokenizer(args.artifact)
         min_points = max(tokenizer.spec.num_groups, tokenizer.spec.group_size)
         run = partial(tokenize_clouds, tokenizer)
         trained_points = None  # the point-count note is about encoders
         extra: dict[str, Any] = {"kind": meta["kind"], "codebook_size": tokenizer.spec.codebook_size}
     else:
-        encoder, meta = _load_artifact(load_encoder, args.artifact)
+        encoder, meta = load_encoder(args.artifact)
         min_points = max(encoder.spec.num_groups, encoder.spec.group_size)
         run = partial(embed_clouds, encoder)
         trained_points = meta.get("data_contract", {}).get("num_points")
@@ -81,14 +76,17 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             f"the encoder was trained on {trained_points}",
             file=sys.stderr,
         )
-    features = run(
-        clouds,
-        batch_size=args.batch_size,
-        device=device,
-        normalize=normalize,
-        seed=args.seed,
-        progress=not args.quiet,
-    )
+    try:
+        features = run(
+            clouds,
+            batch_size=args.batch_size,
+            device=device,
+            normalize=normalize,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
+    except UserError as err:
+        raise UserError(f"{args.input}: {err}") from err
     out = write_features(args.out, features)
     if args.json:
         summary = {

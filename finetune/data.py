@@ -4,6 +4,9 @@ Clouds come from FPS-ordered shards: the first ``pool_points`` stored points of 
 so training can draw ``num_points`` of them at random (Point-MAE's "FPS to 1200, random 1024") and evaluation
 can take the first ``num_points`` (= FPS to ``num_points``). Map-style datasets, so Lightning's distributed
 sampler splits them evenly across ranks.
+
+Loading checks every shard against the manifest (sample count, complete tar, finite point arrays) and stops
+with an error naming the shard; ``verify=True`` also hashes every shard before loading.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datapipes.errors import UserError
 from datapipes.memory import load_split_arrays
-from datapipes.shards import read_manifest
+from datapipes.shards import check_shard_hashes, read_manifest
 from datapipes.types import PointBatch
 from finetune.probes import stratified_split
 
@@ -125,8 +128,9 @@ class ClassificationDataModule(_SplitsDataModule):
 
     Args:
         data_root: shard folder written by ``pcpt-data`` (``manifest.json`` inside).
-        num_points: points fed to the model at evaluation.
-        pool_points: points loaded per cloud (training samples ``num_points`` of them).
+        num_points: points fed to the model at evaluation; at most the smallest stored cloud.
+        pool_points: points loaded per cloud (training samples ``num_points`` of them); an upper bound,
+            capped at the smallest stored cloud.
         batch_size: per-device batch size.
         val_fraction: fraction of each train class held out for model selection (ignored if ``val_split``).
         val_split: use this shard split for validation instead of a hold-out (it must not be the test split).
@@ -134,6 +138,10 @@ class ClassificationDataModule(_SplitsDataModule):
         test_split: shard split used only by ``trainer.test``.
         split_seed: seed of the hold-out.
         num_workers: DataLoader worker processes.
+        verify: in :meth:`setup`, hash every shard of the splits used and compare it with the manifest's
+            sha256 before loading (with progress on stderr). Without it loading still checks each
+            shard's structure, sample count and finite point arrays; the hashes also catch changed bytes that
+            still decode.
     """
 
     def __init__(
@@ -149,6 +157,7 @@ class ClassificationDataModule(_SplitsDataModule):
         test_split: str = "test",
         split_seed: int = 0,
         num_workers: int = 0,
+        verify: bool = False,
     ) -> None:
         super().__init__()
         if val_split is not None and val_split == test_split:
@@ -158,6 +167,7 @@ class ClassificationDataModule(_SplitsDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.val_fraction, self.val_split = val_fraction, val_split
         self.train_split, self.test_split, self.split_seed = train_split, test_split, split_seed
+        self.verify = verify
         self.manifest: dict[str, Any] = read_manifest(data_root)
         self.selection: dict[str, Any] = {}
 
@@ -176,11 +186,34 @@ class ClassificationDataModule(_SplitsDataModule):
             raise UserError(
                 f"{self.data_root}: no split {split!r}; has {sorted(self.manifest.get('splits', {}))}"
             )
-        return load_split_arrays(self.data_root, split, num_points)
+        xyz, labels, keys = load_split_arrays(self.data_root, split, num_points, cap_to_stored=True)  # a pool
+        if xyz.shape[1] < self.num_points:
+            raise UserError(
+                f"{self.data_root}: num_points {self.num_points} requested, but split {split!r} stores "
+                f"clouds of {xyz.shape[1]} points; ask for at most {xyz.shape[1]} (--data.num_points)"
+            )
+        return xyz, labels, keys
 
     def setup(self, stage: str | None = None) -> None:
+        """Loads the train, validation and test sets (once).
+
+        Raises:
+            UserError: for a missing split or ``num_points`` above the smallest stored cloud.
+            ShardFormatError: naming the shard for damaged data (or, with ``verify``, a sha256 mismatch).
+        """
         if self._sets:
             return
+        points = self.manifest.get("points")
+        stored = points.get("min") if isinstance(points, Mapping) else None
+        if isinstance(stored, int) and stored < self.num_points:
+            raise UserError(
+                f"{self.data_root}: num_points {self.num_points} requested, but the smallest stored cloud "
+                f"has {stored} points; ask for at most {stored} (--data.num_points)"
+            )
+        if self.verify:
+            splits = [self.train_split, *([self.val_split] if self.val_split else []), self.test_split]
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            check_shard_hashes(self.data_root, splits, manifest=self.manifest, progress=rank == 0)
         xyz, labels, keys = self._load(self.train_split, self.pool_points)
         if self.val_split is None:
             train_idx, val_idx = stratified_split(labels, self.val_fraction, self.split_seed)

@@ -15,13 +15,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from datapipes.errors import UserError
+from datapipes.progress import Progress
 from pretrain.encoders import PointEncoder
 from pretrain.tokenizers import DiscreteVAE
 
-__all__ = ["embed_clouds", "load_clouds", "normalize_unit_sphere", "tokenize_clouds", "write_features"]
+__all__ = [
+    "FEATURE_NAMES",
+    "check_features_destination",
+    "embed_clouds",
+    "load_clouds",
+    "normalize_unit_sphere",
+    "tokenize_clouds",
+    "write_features",
+]
 
 
 def load_clouds(path: str | Path, *, min_points: int = 1) -> np.ndarray:
@@ -225,31 +233,76 @@ def _map_batches(
 
     Raises:
         ValueError: ``batch_size < 1``.
-        UserError: non-finite coordinates (the message names the first bad cloud).
+        UserError: non-finite coordinates or non-finite outputs (the message names the first bad cloud).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model.to(device).eval()
     generator = torch.Generator().manual_seed(seed)
-    starts = range(0, clouds.shape[0], batch_size)
     outputs: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress or len(starts) <= 1):
-        chunk = np.array(clouds[start : start + batch_size], dtype=np.float32)  # a writable copy
-        if not np.isfinite(chunk).all():
-            bad = start + int(np.flatnonzero(~np.isfinite(chunk).all(axis=(1, 2)))[0])
-            raise UserError(f"cloud {bad} has non-finite coordinates")
-        xyz = torch.from_numpy(chunk).to(device)
-        if normalize:
-            xyz = normalize_unit_sphere(xyz)
-        arrays = step(xyz, generator)
-        for name in names:
-            outputs[name].append(arrays[name])
+    total = int(clouds.shape[0])
+    with Progress(total, desc, "cloud", disable=not progress or total <= batch_size) as bar:
+        for start in range(0, total, batch_size):
+            chunk = np.array(clouds[start : start + batch_size], dtype=np.float32)  # a writable copy
+            if not np.isfinite(chunk).all():
+                bad = start + int(np.flatnonzero(~np.isfinite(chunk).all(axis=(1, 2)))[0])
+                raise UserError(f"cloud {bad} has non-finite coordinates")
+            xyz = torch.from_numpy(chunk).to(device)
+            if normalize:
+                xyz = normalize_unit_sphere(xyz)
+            arrays = step(xyz, generator)
+            for name in names:
+                values = arrays[name]
+                if values.dtype.kind == "f" and not np.isfinite(values).all():
+                    rows = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+                    bad = start + int(np.flatnonzero(~rows)[0])
+                    raise UserError(
+                        f"cloud {bad}: the model produced non-finite {name} (coordinates too large for "
+                        "float32 arithmetic? normalise the clouds, e.g. --normalize unit_sphere)"
+                    )
+                outputs[name].append(values)
+            bar.update(len(chunk))
     return {name: np.concatenate(parts, axis=0) for name, parts in outputs.items()}
 
 
-def write_features(path: str | Path, features: dict[str, np.ndarray]) -> Path:
-    """Writes ``features`` to an ``.npz`` atomically (temporary file, then rename); returns the path."""
+#: the arrays a features file written by :func:`write_features` can hold.
+FEATURE_NAMES = frozenset({"tokens", "centers", "pooled", "token_ids"})
+
+
+def check_features_destination(path: str | Path) -> None:
+    """Refuses an output path that would replace something pcpt did not write.
+
+    A new path, or an existing ``.npz`` holding only pcpt feature arrays (``tokens``, ``centers``,
+    ``pooled``, ``token_ids``), is accepted.
+
+    Raises:
+        UserError: the path is a directory, or an existing file that is not a pcpt features file.
+    """
     out = Path(path)
+    if out.is_dir():
+        raise UserError(f"{out}: is a directory; --out takes a file name such as features.npz")
+    if not out.exists():
+        return
+    try:
+        with np.load(out, allow_pickle=False) as archive:
+            names = set(archive.files)
+    except (OSError, ValueError, EOFError, AttributeError):
+        names = set()
+    if not names or not names <= FEATURE_NAMES:
+        raise UserError(
+            f"{out}: exists and is not a features file written by pcpt-finetune embed; choose another "
+            "--out or delete it"
+        )
+
+
+def write_features(path: str | Path, features: dict[str, np.ndarray]) -> Path:
+    """Writes ``features`` to an ``.npz`` atomically (temporary file, then rename); returns the path.
+
+    Raises:
+        UserError: see :func:`check_features_destination`.
+    """
+    out = Path(path)
+    check_features_destination(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:

@@ -63,6 +63,12 @@ def _add_source_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data", required=True, type=Path, metavar="OUT", help="shard directory (with manifest.json)"
     )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="hash every shard used against the manifest's sha256 before loading (reads the data twice); "
+        "loading always checks sample counts, tar structure and finite points",
+    )
 
 
 def _add_num_points_argument(p: argparse.ArgumentParser, help_text: str) -> None:
@@ -150,6 +156,10 @@ def _load_split(
     splits = loaded.manifest.get("splits", {})
     if split not in splits:
         raise UserError(f"{args.data}: no split {split!r}; the data has {sorted(splits)}")
+    if getattr(args, "verify", False):
+        from datapipes.shards import check_shard_hashes
+
+        check_shard_hashes(args.data, [split], manifest=loaded.manifest)
     try:
         xyz, labels, keys = load_split_arrays(args.data, split, loaded.num_points)
     except (ValueError, OSError) as err:
@@ -173,7 +183,7 @@ def _features(args: argparse.Namespace, loaded: _Loaded, xyz: np.ndarray) -> np.
         xyz,
         batch_size=args.batch_size,
         device=loaded.device,
-        progress=not args.json and sys.stderr.isatty(),
+        progress=True,
     )
 
 
@@ -223,6 +233,7 @@ def run_probe_command(args: argparse.Namespace) -> int:
                 c_grid=args.c_grid,
                 val_fraction=args.val_fraction,
                 seed=args.seed,
+                progress=True,
             )
         else:
             result = knn_probe(train_x, train_y, test_x, test_y, k=args.k)

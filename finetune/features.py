@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from datapipes.errors import UserError
+from datapipes.progress import Progress
 from pretrain.encoders.base import PointEncoder
 
 __all__ = ["check_data_contract", "extract_features"]
@@ -41,7 +42,7 @@ def extract_features(
         xyz: (S, N, 3) clouds, numpy or torch; converted to float32.
         batch_size: clouds per forward pass, ``>= 1``.
         device: where to run the encoder.
-        progress: show a tqdm progress bar.
+        progress: report progress on stderr (a bar on a terminal, periodic lines otherwise).
         generator: only used by encoders with ``fps_start="random"``.
 
     Returns:
@@ -63,18 +64,13 @@ def extract_features(
     was_training = encoder.training
     encoder.to(device)
     encoder.eval()
-    starts = range(0, num, batch_size)
-    iterator: Any = starts
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(starts, total=len(starts), desc="features", unit="batch")
     try:
-        with torch.no_grad():
-            for start in iterator:
+        with torch.no_grad(), Progress(num, "features", "cloud", disable=not progress) as bar:
+            for start in range(0, num, batch_size):
                 batch = points[start : start + batch_size].to(device)
                 pooled = encoder.pool(encoder.encode(batch, generator=generator))
                 out[start : start + batch.shape[0]] = pooled.float().cpu().numpy()
+                bar.update(int(batch.shape[0]))
     finally:
         encoder.train(was_training)
     return out
@@ -86,6 +82,7 @@ def check_data_contract(
     normalization: str | None,
     *,
     allow_num_points_change: bool = False,
+    override_hint: str = "pass --num-points {n} to evaluate on purpose",
 ) -> list[str]:
     """Checks that the data matches the preprocessing recorded in an encoder artifact.
 
@@ -96,6 +93,8 @@ def check_data_contract(
             (then only a warning is returned).
         allow_num_points_change: the user asked for a point count on purpose; a difference from the
             contract is returned as a warning instead of an error.
+        override_hint: how to ask for another point count on purpose (``{n}``: the data's count), appended
+            to the error.
 
     Returns:
         Warnings (strings) for the caller to show; empty when everything matches.
@@ -115,7 +114,7 @@ def check_data_contract(
             f"got {int(num_points)}"
         )
         if not allow_num_points_change:
-            raise UserError(f"{message}; pass --num-points {int(num_points)} to evaluate on purpose")
+            raise UserError(f"{message}; {override_hint.format(n=int(num_points))}")
         warnings.append(message)
     expected_norm = contract.get("normalization")
     if expected_norm is not None:

@@ -10,21 +10,24 @@ the selection split, single-pass accuracy and the fixed-count voting accuracy se
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
 
 from finetune.classification import PointClassifier
 from finetune.data import ClassificationDataModule
+from pretrain.lightning_base import PcptLightningCLI, run_lightning
 
 __all__ = ["FinetuneCLI", "run_lightning_cli"]
 
 
-class FinetuneCLI(LightningCLI):
+class FinetuneCLI(PcptLightningCLI):
     """LightningCLI with the data → model links and a final held-out-selected test evaluation."""
+
+    run_name = "finetune"
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -35,7 +38,9 @@ class FinetuneCLI(LightningCLI):
     def before_fit(self) -> None:
         model, data = self.model, self.datamodule
         if isinstance(model, PointClassifier) and isinstance(data, ClassificationDataModule):
-            model.check_data(data.num_points, data.normalization)
+            for warning in model.check_data(data.num_points, data.normalization, data_root=data.data_root):
+                print(f"pcpt-finetune: warning: {warning}", file=sys.stderr)
+        self.check_resume()
 
     def after_fit(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -80,11 +85,11 @@ class FinetuneCLI(LightningCLI):
 
 def run_lightning_cli(argv: Sequence[str]) -> int:
     """Runs the finetuning LightningCLI with ``argv`` (starting with the subcommand); returns 0."""
-    FinetuneCLI(
-        PointClassifier,
-        ClassificationDataModule,
+    return run_lightning(
+        FinetuneCLI,
+        argv,
+        model_class=PointClassifier,
+        datamodule_class=ClassificationDataModule,
         save_config_kwargs={"overwrite": True},
-        args=list(argv),
         auto_configure_optimizers=False,
     )
-    return 0

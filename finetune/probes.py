@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from datapipes.progress import Progress
 from pretrain.callbacks import knn_predict
 
 __all__ = ["ProbeResult", "knn_predict", "knn_probe", "stratified_split", "svm_probe"]
@@ -133,6 +134,7 @@ def svm_probe(
     c_grid: Sequence[float] = DEFAULT_C_GRID,
     val_fraction: float = 0.2,
     seed: int = 0,
+    progress: bool = False,
 ) -> ProbeResult:
     """Linear-SVM probe with ``C`` selected on a stratified hold-out of train.
 
@@ -149,6 +151,7 @@ def svm_probe(
         c_grid: candidate regularisation strengths, each > 0.
         val_fraction: fraction of every train class held out for selecting ``C``.
         seed: seed of the split and of the solver.
+        progress: report each fit on stderr (one per ``C``, then the final one; they can take minutes).
 
     Returns:
         The probe result; ``params["C"]`` is the chosen value.
@@ -168,24 +171,28 @@ def svm_probe(
 
     val_accuracy: dict[str, float] = {}
     n_val = 0
-    if len(grid) == 1:
-        chosen = grid[0]
-        selection = f"none: C={chosen:g} fixed"
-    else:
-        fit_idx, val_idx = stratified_split(train_y, val_fraction, seed)
-        n_val = int(val_idx.size)
-        if n_val == 0 or np.unique(train_y[fit_idx]).size < 2:
-            raise ValueError("train split too small to hold out a validation split for selecting C")
-        for c in grid:
-            model = _fit_linear_svm(train_x[fit_idx], train_y[fit_idx], c, seed)
-            val_accuracy[f"{c:g}"] = _accuracy(model.predict(train_x[val_idx]), train_y[val_idx])
-        best = max(val_accuracy.values())
-        chosen = min(c for c in grid if val_accuracy[f"{c:g}"] == best)
-        selection = (
-            f"C from {[f'{c:g}' for c in grid]} on a stratified {val_fraction:g} hold-out of train "
-            f"(seed {seed}); refit on all train; test evaluated once"
-        )
-    model = _fit_linear_svm(train_x, train_y, chosen, seed)
+    fits = 1 if len(grid) == 1 else len(grid) + 1
+    with Progress(fits, "linear SVM", "fit", disable=not progress) as bar:
+        if len(grid) == 1:
+            chosen = grid[0]
+            selection = f"none: C={chosen:g} fixed"
+        else:
+            fit_idx, val_idx = stratified_split(train_y, val_fraction, seed)
+            n_val = int(val_idx.size)
+            if n_val == 0 or np.unique(train_y[fit_idx]).size < 2:
+                raise ValueError("train split too small to hold out a validation split for selecting C")
+            for c in grid:
+                model = _fit_linear_svm(train_x[fit_idx], train_y[fit_idx], c, seed)
+                val_accuracy[f"{c:g}"] = _accuracy(model.predict(train_x[val_idx]), train_y[val_idx])
+                bar.update()
+            best = max(val_accuracy.values())
+            chosen = min(c for c in grid if val_accuracy[f"{c:g}"] == best)
+            selection = (
+                f"C from {[f'{c:g}' for c in grid]} on a stratified {val_fraction:g} hold-out of train "
+                f"(seed {seed}); refit on all train; test evaluated once"
+            )
+        model = _fit_linear_svm(train_x, train_y, chosen, seed)
+        bar.update()
     accuracy = _accuracy(model.predict(test_x), test_y)
     return ProbeResult(
         protocol="svm",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import uuid
@@ -30,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from datapipes.errors import UserError
+from datapipes.errors import UserError, one_line
 from pretrain.encoders import DataContract, EncoderSpec, PointEncoder, build_encoder
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "ArtifactError",
     "WeightsMismatchError",
+    "check_artifact_destination",
     "export_from_lightning_ckpt",
     "git_sha",
     "lightning_ckpt_meta",
@@ -71,7 +73,7 @@ class ArtifactError(UserError, ValueError):
     """An artifact or checkpoint that cannot be read: missing, malformed, wrong format or kind."""
 
 
-class WeightsMismatchError(RuntimeError):
+class WeightsMismatchError(UserError, RuntimeError):
     """Weights that do not fit an encoder spec (missing or unexpected keys, wrong shapes)."""
 
 
@@ -140,10 +142,12 @@ def _json_default(value: Any) -> Any:
 
 
 def save_artifact(out_dir: str | Path, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Path:
-    """Writes an artifact directory atomically.
+    """Writes an artifact directory atomically, never touching files pcpt did not write.
 
-    The files are written to a temporary sibling directory which then replaces ``out_dir``. An existing
-    artifact at ``out_dir`` is replaced; a non-empty directory that is not an artifact is left alone.
+    A new (or empty) ``out_dir`` is written as a temporary sibling directory that is renamed into place. An
+    existing artifact is updated in place: its ``encoder.json`` is removed first (so the folder no longer
+    looks complete), the new weights and then the new ``encoder.json`` are moved in; other files in the
+    folder are kept. A non-empty directory that is not an artifact is refused.
 
     Args:
         out_dir: destination directory.
@@ -154,16 +158,13 @@ def save_artifact(out_dir: str | Path, tensors: Mapping[str, Tensor], meta: Mapp
         ``out_dir`` as a Path.
 
     Raises:
-        ValueError: no ``kind`` in meta, metadata that is not JSON serialisable, or ``out_dir`` is a
-            non-empty directory that is not an artifact.
+        ValueError: no ``kind`` in meta or metadata that is not JSON serialisable.
+        ArtifactError: ``out_dir`` is a file, or a non-empty directory that is not a pcpt artifact.
     """
     out = Path(out_dir)
     if not meta.get("kind"):
         raise ValueError("artifact meta must name its 'kind'")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).is_file():
-        raise ValueError(f"{out}: non-empty directory that is not a pcpt artifact; choose another path")
+    check_artifact_destination(out)
     full_meta = {"format": ARTIFACT_FORMAT, **meta}
     try:
         text = json.dumps(full_meta, indent=2, default=_json_default) + "\n"
@@ -177,17 +178,40 @@ def save_artifact(out_dir: str | Path, tensors: Mapping[str, Tensor], meta: Mapp
     try:
         save_file(state, str(tmp / WEIGHTS_FILE))
         _write_synced(tmp / META_FILE, text)  # the meta file goes last
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+        if out.is_dir() and any(out.iterdir()):
+            (out / META_FILE).unlink(missing_ok=True)  # from here on the folder is an incomplete artifact
+            os.replace(tmp / WEIGHTS_FILE, out / WEIGHTS_FILE)
+            os.replace(tmp / META_FILE, out / META_FILE)
+            tmp.rmdir()
         else:
+            if out.is_dir():
+                out.rmdir()
             os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def check_artifact_destination(out: str | Path) -> None:
+    """Refuses an artifact destination that holds something pcpt did not write.
+
+    Allowed: a missing path, an empty directory, or an existing artifact directory (``encoder.json``, or an
+    interrupted update that left ``encoder.safetensors`` alone).
+
+    Raises:
+        ArtifactError: ``out`` is a file, or a non-empty directory that is not a pcpt artifact.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"{out}: exists and is not a directory; choose another artifact path")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if (out / META_FILE).is_file() or (out / WEIGHTS_FILE).is_file():
+        return
+    raise ArtifactError(
+        f"{out}: non-empty directory that is not a pcpt artifact (no {META_FILE}); choose another path"
+    )
 
 
 def _write_synced(path: Path, text: str) -> None:
@@ -382,10 +406,18 @@ def load_state_strict(
     Raises:
         WeightsMismatchError: a RuntimeError naming ``source``, the missing and the unexpected keys.
     """
-    try:
-        result = module.load_state_dict(dict(state), strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise WeightsMismatchError(f"{source}: weights do not fit the encoder spec: {err}") from err
+    own = module.state_dict()
+    shapes = [
+        f"{key} {tuple(value.shape)} (spec: {tuple(own[key].shape)})"
+        for key, value in state.items()
+        if key in own and tuple(value.shape) != tuple(own[key].shape)
+    ]
+    if shapes:
+        listed = ", ".join(shapes[:3]) + (f" and {len(shapes) - 3} more" if len(shapes) > 3 else "")
+        raise WeightsMismatchError(
+            f"{source}: weights do not fit the encoder spec: other shapes for {listed}"
+        )
+    result = module.load_state_dict(dict(state), strict=False)
     missing = sorted(set(result.missing_keys) - set(expected_missing))
     unexpected = sorted(result.unexpected_keys)
     if missing or unexpected:
@@ -423,8 +455,13 @@ def lightning_ckpt_meta(
     }
 
 
-def read_checkpoint_file(ckpt_path: str | Path) -> tuple[Path, Any]:
+def read_checkpoint_file(ckpt_path: str | Path, *, mmap: bool = False) -> tuple[Path, Any]:
     """Reads a pcpt Lightning or official checkpoint with ``torch.load(weights_only=True)`` onto the CPU.
+
+    Args:
+        ckpt_path: the file.
+        mmap: map the tensors' storage instead of reading it (a cheap look at a large checkpoint; falls
+            back to reading files saved in the legacy, non-zip format).
 
     Returns:
         (the path, the loaded object; the caller checks that it is a checkpoint of the kind it wants).
@@ -436,9 +473,18 @@ def read_checkpoint_file(ckpt_path: str | Path) -> tuple[Path, Any]:
     if not src.is_file():
         raise ArtifactError(f"{src}: no such checkpoint file")
     try:
-        ckpt = torch.load(src, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(src, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            ckpt = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and torch errors all mean "cannot read this file"
-        raise ArtifactError(f"{src}: cannot read checkpoint with weights_only=True: {err}") from err
+        if isinstance(err, pickle.UnpicklingError):
+            reason = "not a checkpoint, or it holds objects that only an unsafe pickle load would rebuild"
+        else:
+            reason = f"{type(err).__name__}: {one_line(str(err))}"
+        raise ArtifactError(f"{src}: cannot read checkpoint with weights_only=True ({reason})") from err
     return src, ckpt
 
 
@@ -483,19 +529,27 @@ def module_from_lightning_ckpt(
     return module, data
 
 
+def _epochs_trained(ckpt: Mapping[str, Any]) -> Any:
+    """Epochs fully trained at the checkpoint's weights (see ``pretrain.training.epochs_trained``)."""
+    try:
+        return int(ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError, ValueError):
+        return ckpt.get("epoch")
+
+
 def lightning_ckpt_provenance(
     src: Path, ckpt: Mapping[str, Any], overrides: Mapping[str, Any]
 ) -> dict[str, Any]:
     """Provenance of a module exported from a pcpt Lightning checkpoint.
 
-    ``step`` (``global_step``), ``epoch``, ``git_sha`` (of the current directory, best effort), the method
-    and the checksums stored in ``ckpt["pcpt"]``, and ``source``; ``overrides`` win.
+    ``step`` (``global_step``), ``epoch`` (epochs fully trained), ``git_sha`` (of the current directory, best
+    effort), the method and the checksums stored in ``ckpt["pcpt"]``, and ``source``; ``overrides`` win.
     """
     info = ckpt[CKPT_META_KEY]
     return {
         "method": info.get("method"),
         "step": ckpt.get("global_step"),
-        "epoch": ckpt.get("epoch"),
+        "epoch": _epochs_trained(ckpt),
         "git_sha": git_sha(),
         "config_sha256": info.get("config_sha256"),
         "data_manifest_sha256": info.get("data_manifest_sha256"),

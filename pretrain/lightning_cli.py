@@ -2,21 +2,21 @@
 
 The YAML's ``model.class_path`` picks the method (``pretrain.methods.point_mae.PointMAE``, ...). Typed
 ``__init__`` signatures are the config schema; ``--print_config`` shows everything that will run. Before
-fitting, the resolved config's sha256 and the data manifest's sha256 are recorded for provenance; after
-fitting, rank 0 writes the encoder artifact to ``<log dir>/encoder`` (``--export_dir`` overrides it).
+fitting, ``--ckpt_path`` and ``--export_dir`` are checked and the resolved config's sha256 and the data
+manifest's sha256 are recorded for provenance; after fitting, rank 0 writes the encoder artifact to
+``<log dir>/encoder`` (``--export_dir`` overrides it), whatever the number of devices.
 """
 
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
-
 from datapipes.datamodule import PointCloudDataModule
+from pretrain.checkpoint import check_artifact_destination
+from pretrain.lightning_base import PcptLightningCLI, run_lightning
 from pretrain.methods.base import PretrainModule
 
 __all__ = ["PretrainCLI", "run_lightning_cli"]
@@ -29,8 +29,10 @@ def _sha256_file(path: Path) -> str | None:
         return None
 
 
-class PretrainCLI(LightningCLI):
+class PretrainCLI(PcptLightningCLI):
     """LightningCLI that records provenance and exports the encoder artifact after ``fit``."""
+
+    run_name = "pretrain"
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument(
@@ -43,13 +45,20 @@ class PretrainCLI(LightningCLI):
         # two modules' hyperparameters consistent.
         parser.link_arguments("data.num_points", "model.init_args.num_points")
 
-    def _subconfig(self) -> Any:
-        return self.config[self.subcommand] if self.subcommand else self.config
+    def _export_dir(self) -> Path:
+        """The artifact folder; call on every rank (``trainer.log_dir`` is a collective under DDP)."""
+        base = self.trainer.log_dir or self.trainer.default_root_dir
+        export_dir = self._subconfig().get("export_dir")
+        return Path(export_dir) if export_dir is not None else Path(base) / "encoder"
 
     def before_fit(self) -> None:
         model = self.model
         if not isinstance(model, PretrainModule):
             return
+        self.check_resume()
+        export_dir = self._subconfig().get("export_dir")
+        if export_dir is not None:
+            check_artifact_destination(export_dir)  # refuse a bad destination before training, not after
         dump = self.parser.dump(self.config, skip_none=False, skip_check=True)
         model.provenance_extra["config_sha256"] = hashlib.sha256(dump.encode()).hexdigest()
         root = getattr(self.datamodule, "data_root", None)
@@ -58,28 +67,23 @@ class PretrainCLI(LightningCLI):
 
     def after_fit(self) -> None:
         model = self.model
-        if not isinstance(model, PretrainModule) or not self.trainer.is_global_zero:
+        if not isinstance(model, PretrainModule):
             return
-        export_dir = self._subconfig().get("export_dir")
-        if export_dir is None:
-            base = self.trainer.log_dir or self.trainer.default_root_dir
-            export_dir = str(Path(base) / "encoder")
+        export_dir = self._export_dir()  # every rank: log_dir broadcasts
+        if not self.trainer.is_global_zero:
+            return
         path = model.export_encoder(export_dir)
         print(f"pcpt-pretrain: artifact written to {path}")
 
 
 def run_lightning_cli(argv: Sequence[str]) -> int:
     """Runs LightningCLI with ``argv`` (starting with the subcommand, e.g. ``fit``); returns 0."""
-    # Lightning's own deprecation notice, and its note about the empty validation loader that a data
-    # module without a validation split returns: neither is actionable for a pcpt user.
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    warnings.filterwarnings("ignore", message="Total length of .* across ranks is zero")
-    PretrainCLI(
-        PretrainModule,
-        PointCloudDataModule,
+    return run_lightning(
+        PretrainCLI,
+        argv,
+        model_class=PretrainModule,
+        datamodule_class=PointCloudDataModule,
         subclass_mode_model=True,
         save_config_kwargs={"overwrite": True},
-        args=list(argv),
         auto_configure_optimizers=False,
     )
-    return 0

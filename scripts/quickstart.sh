@@ -13,12 +13,21 @@ if ! python -c "import open3d" >/dev/null 2>&1 && command -v apt-get >/dev/null 
   fi
 fi
 if ! python -c "import torch" >/dev/null 2>&1; then
-  echo "[quickstart] installing torch==2.13.0 (CPU wheel)"
-  python -m pip install -q torch==2.13.0
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    echo "[quickstart] installing torch==2.13.0 (the default build; install your CUDA build first to choose it)"
+    python -m pip install -q torch==2.13.0
+  else
+    # No NVIDIA GPU: the CPU build. From PyPI alone, Linux gets the CUDA build (several GB).
+    echo "[quickstart] installing torch==2.13.0 (CPU build, https://download.pytorch.org/whl/cpu)"
+    python -m pip install -q torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu
+  fi
 fi
-if ! command -v pcpt-data >/dev/null 2>&1 || ! python -c "import datapipes, pretrain, finetune, lightning, open3d, webdataset, faiss" >/dev/null 2>&1; then
-  echo "[quickstart] installing pcpt and its dependencies"
-  python -m pip install -q -e .
+# pcpt with the test tools, so that the README's second command (python -m pytest -n 2) runs next.
+if ! command -v pcpt-data >/dev/null 2>&1 \
+    || ! python -c "import datapipes, pretrain, finetune, lightning, open3d, webdataset, faiss" >/dev/null 2>&1 \
+    || ! python -c "import pytest, xdist, pytest_timeout, hypothesis" >/dev/null 2>&1; then
+  echo "[quickstart] installing pcpt, its dependencies and its test tools"
+  python -m pip install -q -e '.[dev]'
 fi
 
 exec python scripts/quickstart.py "${1:-quickstart_out}"

@@ -23,6 +23,18 @@ def assert_one_error_line(prog: str, err: str, *needles: str) -> None:
         assert needle in lines[0], (needle, err)
 
 
+def assert_error_line_last(prog: str, err: str, *needles: str) -> None:
+    """Checks that ``err`` ends with one ``PROG: error: ...`` line containing every needle, with no traceback.
+
+    Lines before it may be the notices Lightning prints while it sets up (seed, devices).
+    """
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert lines, err
+    assert "Traceback" not in err, err
+    assert sum(line.startswith(f"{prog}: error: ") for line in lines) == 1, err
+    assert_one_error_line(prog, lines[-1], *needles)
+
+
 def console_script(name: str) -> str:
     """The installed console script ``name``; skips the test when pcpt is not installed."""
     exe = shutil.which(name)

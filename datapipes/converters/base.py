@@ -23,6 +23,11 @@ with fewer points is kept as it is (no duplicated points, which would distort FP
 ``meta.num_points`` records the source count (the manifest records the min/max stored count). Without
 ``--points`` point sets keep all their points. Clouds with fewer than ``--min-points`` points are rejected.
 
+Failures: whatever goes wrong with one item (an unreadable or malformed file, values that are NaN, infinite
+or too large, a cloud that is degenerate after processing, an unexpected error in a reader) rejects that
+item with the reason, and the run goes on; only ``MemoryError``, ``KeyboardInterrupt`` and ``SystemExit``
+end it. Every stored array is checked to be finite.
+
 Fields: every sample of a dataset has the same fields. Normals are stored when the source has them (meshes,
 xyz+normal arrays; decided once per dataset, see :attr:`Plan.source_normals`; items lacking them get
 estimated ones) or with ``--normals``, which also adds curvature.
@@ -49,6 +54,7 @@ from datapipes.errors import UserError
 from datapipes.mesh import MeshError, Orientation, estimate_normals_curvature, sample_surface
 
 if TYPE_CHECKING:  # datapipes.types imports torch, which per-item workers do not need
+    from datapipes.shards import ShardSetWriter
     from datapipes.types import Rejection, Sample
 
 
@@ -262,10 +268,60 @@ def as_points(array: Any, what: str = "points") -> tuple[np.ndarray, np.ndarray 
     return arr, None
 
 
+MAX_COORDINATE = 1e18
+"""Largest accepted coordinate magnitude: squared distances of such points still fit in float32."""
+
+MIN_EXTENT = 1e-12
+"""Smallest accepted cloud extent (largest distance from the centroid) for unit-sphere normalisation."""
+
+
+def printable_text(text: str) -> str:
+    r"""``text`` as valid Unicode: undecodable file-name bytes (``surrogateescape``) are spelled ``\xNN``.
+
+    File names that are not valid UTF-8 reach Python as strings with lone surrogates, which cannot be
+    written to UTF-8 JSON; sources, class names and reasons go through this before they are stored.
+
+    Args:
+        text: any string.
+
+    Returns:
+        The same string when it is valid Unicode, else its readable escaped form.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _clean_meta(value: Any) -> Any:
+    if isinstance(value, str):
+        return printable_text(value)
+    if isinstance(value, dict):
+        return {printable_text(str(k)): _clean_meta(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean_meta(v) for v in value]
+    return value
+
+
 def _check_finite(name: str, arr: np.ndarray) -> None:
     bad = int(np.count_nonzero(~np.isfinite(arr)))
     if bad:
         raise Reject(f"non-finite {name} values ({bad} NaN/inf)")
+
+
+def _check_magnitude(name: str, arr: np.ndarray) -> None:
+    """Rejects coordinates too large for float32 distance computations (FPS, normalisation)."""
+    if arr.size:
+        largest = float(np.max(np.abs(arr)))
+        if largest > MAX_COORDINATE:
+            raise Reject(
+                f"{name} values too large: max |value| {largest:.3g} > {MAX_COORDINATE:g} "
+                "(squared distances would overflow float32); rescale the source"
+            )
 
 
 def _normalize(xyz: np.ndarray) -> tuple[np.ndarray, list[float], float]:
@@ -337,6 +393,7 @@ def _load(raw: RawCloud, item: WorkItem, options: ConvertOptions) -> _Work:
     if raw.mesh is not None:
         vertices, faces = raw.mesh
         _check_finite("vertex coordinate", np.asarray(vertices))
+        _check_magnitude("vertex coordinate", np.asarray(vertices))
         if len(faces) == 0:
             raise Reject("degenerate mesh: no faces")
         try:
@@ -350,6 +407,7 @@ def _load(raw: RawCloud, item: WorkItem, options: ConvertOptions) -> _Work:
         xyz = np.asarray(raw.xyz)
         counts = {"num_points": len(xyz)}
         _check_finite("coordinate", xyz)
+        _check_magnitude("coordinate", xyz)
         if normal is not None:
             _check_finite("normal", np.asarray(normal))
         if feat is not None:
@@ -365,10 +423,13 @@ def _load(raw: RawCloud, item: WorkItem, options: ConvertOptions) -> _Work:
 
 def _shape(work: _Work, options: ConvertOptions, converter: Converter) -> None:
     """Stage 3 (after the reduction to ``--points``): extent check, normalisation, normals and curvature."""
-    extent = float(np.max(np.linalg.norm(work.xyz - work.xyz.mean(axis=0), axis=1)))
-    if not extent > 0.0:
+    if not float(np.ptp(work.xyz, axis=0).max()) > 0.0:
         raise Reject("degenerate cloud: all points coincide")
     if options.normalize:
+        pts = work.xyz.astype(np.float64)
+        extent = float(np.sqrt(np.max(np.sum((pts - pts.mean(axis=0)) ** 2, axis=1))))
+        if not extent >= MIN_EXTENT:
+            raise Reject(f"degenerate cloud: extent {extent:.3g} < {MIN_EXTENT:g} is too small to normalise")
         work.xyz, center, scale = _normalize(work.xyz)
         work.meta["center"], work.meta["scale"] = center, scale
     if not (options.normals or options.source_normals):
@@ -384,6 +445,17 @@ def _shape(work: _Work, options: ConvertOptions, converter: Converter) -> None:
         work.curv = curv if options.normals else None
 
 
+def _validate(work: _Work) -> None:
+    """Last stage: every stored array is finite (rejects what processing could not make usable)."""
+    for name, arr in (("coordinate", work.xyz), ("normal", work.normal), ("curvature", work.curv)):
+        if arr is not None and not np.isfinite(arr).all():
+            raise Reject(f"non-finite {name} values after processing")
+    if work.feat is not None:
+        feat = np.asarray(work.feat, dtype=np.float32)
+        if not np.isfinite(feat).all():
+            raise Reject("feature values overflow float32")
+
+
 def _to_sample(work: _Work) -> Sample:
     n = len(work.xyz)
     sample: Sample = {"key": work.item.key, "xyz": np.ascontiguousarray(work.xyz, dtype=np.float32)}
@@ -395,19 +467,26 @@ def _to_sample(work: _Work) -> Sample:
         sample["feat"] = np.ascontiguousarray(np.asarray(work.feat, dtype=np.float32).reshape(n, -1))
     if work.item.label >= 0:
         sample["label"] = int(work.item.label)
-    sample["meta"] = work.meta
+    sample["meta"] = _clean_meta(work.meta)
     return sample
 
 
-_READ_ERRORS = (OSError, ValueError, KeyError, IndexError, EOFError, UnicodeError, RuntimeError, TypeError)
+_FATAL = (MemoryError,)
+"""Exceptions that end the run instead of rejecting one item (the machine, not the item, is the problem)."""
+
+_REASON_CHARS = 500
 
 
-def _reason(item: WorkItem, err: BaseException) -> str:
+def _reason(item: WorkItem, err: BaseException, stage: str = "unreadable") -> str:
+    """One-line rejection reason of an exception raised while processing ``item``."""
     if isinstance(err, Reject):
-        return str(err)
-    if isinstance(err, MeshError):
-        return str(err).removeprefix(f"{item.path}: ")
-    return f"unreadable: {type(err).__name__}: {err}"
+        text = str(err)
+    elif isinstance(err, MeshError):
+        text = str(err).removeprefix(f"{item.path}: ")
+    else:
+        text = f"{stage}: {type(err).__name__}: {err}"
+    text = " ".join(printable_text(text).split()) or type(err).__name__
+    return text if len(text) <= _REASON_CHARS else text[: _REASON_CHARS - 3] + "..."
 
 
 def process_items(items: Sequence[WorkItem], options: ConvertOptions) -> list[dict[str, Any]]:
@@ -434,8 +513,39 @@ def process_items(items: Sequence[WorkItem], options: ConvertOptions) -> list[di
 
     def reject(i: int, reason: str) -> None:
         item = items[i]
-        results[i] = {"source": item.source, "reason": reason, "split": item.split}
+        source, split = printable_text(item.source), printable_text(item.split)
+        results[i] = {"source": source, "reason": printable_text(reason), "split": split}
         works.pop(i, None)
+
+    def each(stage: str, step: Callable[[int], None]) -> None:
+        """Runs ``step`` on every live item; an item whose step raises is rejected with the reason."""
+        for i in list(works):
+            try:
+                step(i)
+            except _FATAL:
+                raise
+            except Exception as err:
+                reject(i, _reason(items[i], err, stage))
+
+    def fps_stage(indices: list[int], n: int | None) -> None:
+        """Batched FPS of ``indices``; if a batch fails, each cloud alone (failures rejected)."""
+        try:
+            orders = fps_orders([works[i].xyz for i in indices], n)
+        except _FATAL:
+            raise
+        except Exception:
+            orders = []
+            for i in indices:
+                try:
+                    orders.append(fps_orders([works[i].xyz], n)[0])
+                except _FATAL:
+                    raise
+                except Exception as err:
+                    reject(i, _reason(items[i], err, "farthest point sampling failed"))
+            indices = [i for i in indices if i in works]
+        for i, order in zip(indices, orders):
+            works[i].take(order)
+            works[i].fps_ordered = True
 
     for i, item in enumerate(items):
         if item.error:
@@ -443,31 +553,35 @@ def process_items(items: Sequence[WorkItem], options: ConvertOptions) -> list[di
             continue
         try:
             works[i] = _load(converter.read(item, options), item, options)
-        except (Reject, *_READ_ERRORS) as err:
+        except _FATAL:
+            raise
+        except Exception as err:
             reject(i, _reason(item, err))
     # stage 2: reduce large point sets to --points (FPS, or a seeded random subset)
     if options.points is not None:
-        large = [i for i, w in works.items() if len(w.xyz) > options.points]
+        points = options.points
+        large = [i for i, w in works.items() if len(w.xyz) > points]
         if options.fps:
-            for i, order in zip(large, fps_orders([works[i].xyz for i in large], options.points)):
-                works[i].take(order)
-                works[i].fps_ordered = True  # a reduction by FPS is already in FPS order
+            fps_stage(large, points)  # a reduction by FPS is already in FPS order
         else:
-            for i in large:
-                size = len(works[i].xyz)
-                works[i].take(np.sort(works[i].rng.choice(size, size=options.points, replace=False)))
-    for i in list(works):
-        try:
-            _shape(works[i], options, converter)
-        except Reject as err:
-            reject(i, str(err))
+            large_set = set(large)
+
+            def subset(i: int) -> None:
+                if i in large_set:
+                    size = len(works[i].xyz)
+                    works[i].take(np.sort(works[i].rng.choice(size, size=points, replace=False)))
+
+            each("processing failed", subset)
+    each("processing failed", lambda i: _shape(works[i], options, converter))
     # stage 4: store in farthest-point order
     if options.fps:
-        pending = [i for i, w in works.items() if not w.fps_ordered]
-        for i, order in zip(pending, fps_orders([works[i].xyz for i in pending])):
-            works[i].take(order)
-    for i, work in works.items():
-        results[i] = dict(_to_sample(work))
+        fps_stage([i for i, w in works.items() if not w.fps_ordered], None)
+    each("processing failed", lambda i: _validate(works[i]))
+
+    def finish(i: int) -> None:
+        results[i] = dict(_to_sample(works[i]))
+
+    each("processing failed", finish)
     return [r for r in results if r is not None]
 
 
@@ -536,6 +650,8 @@ class ConvertReport:
         shards_written: shards computed in this run.
         shards_resumed: complete shards kept from an earlier run.
         elapsed_s: wall-clock seconds.
+        empty_classes: classes without any sample in any split (a class folder without input files, or
+            whose files were all rejected); they keep their label index.
     """
 
     format: str
@@ -546,6 +662,7 @@ class ConvertReport:
     shards_written: int
     shards_resumed: int
     elapsed_s: float
+    empty_classes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
@@ -567,6 +684,16 @@ def shuffled(items: Sequence[WorkItem], seed: int, split: str) -> list[WorkItem]
     """
     perm = item_rng(seed, f"__order__/{split}").permutation(len(items))
     return [items[i] for i in perm]
+
+
+def _printable_plan(plan: Plan) -> None:
+    """Makes sources and class names valid Unicode (file names need not be UTF-8), in place."""
+    plan.classes = [printable_text(c) for c in plan.classes]
+    for items in plan.splits.values():
+        for i, item in enumerate(items):
+            source, class_name = printable_text(item.source), printable_text(item.class_name)
+            if source != item.source or class_name != item.class_name:
+                items[i] = replace(item, source=source, class_name=class_name)
 
 
 def _check_plan(plan: Plan) -> None:
@@ -616,23 +743,56 @@ def convert(
         on_shard: called after each shard is written, with ``(split, index)``.
 
     Returns:
-        The report.
+        The report (``empty_classes`` lists the classes without any sample).
 
     Raises:
-        UserError: bad source layout, duplicate keys, options differing from the run being resumed, or a
-            rejection under ``strict``.
+        UserError: bad source layout, duplicate keys, an output folder that holds files pcpt did not write or
+            a run with different options, another conversion writing to the same folder, a rejection under
+            ``strict``, or every item rejected (``rejected.jsonl`` then lists the reasons and no manifest is
+            written).
     """
     from datapipes.shards import ShardSetWriter
 
     start = time.perf_counter()
     plan = converter.plan(Path(options.src), options)
+    _printable_plan(plan)
     _check_plan(plan)
     options = replace(options, source_normals=plan.source_normals)
     if options.shuffle:
         plan.splits = {split: shuffled(items, options.seed, split) for split, items in plan.splits.items()}
     if not any(plan.splits.values()):
         raise UserError(f"{options.src}: no {converter.name} input found")
-    writer = ShardSetWriter(out, options=options.to_dict())
+    with ShardSetWriter(out, options=options.to_dict()) as writer:
+        manifest, written, resumed = _run(
+            converter, writer, plan, options, engine, strict, progress, on_total, on_shard
+        )
+    samples_per_split = {s: int(v.get("samples", 0)) for s, v in manifest.get("splits", {}).items()}
+    totals = {c: sum(int(per.get(c, 0)) for per in manifest.get("counts", {}).values()) for c in plan.classes}
+    return ConvertReport(
+        format=converter.name,
+        out=printable_text(str(out)),
+        samples=samples_per_split,
+        classes=list(plan.classes),
+        rejected=count_rejected(out),
+        shards_written=written,
+        shards_resumed=resumed,
+        elapsed_s=round(time.perf_counter() - start, 3),
+        empty_classes=[c for c in plan.classes if totals[c] == 0],
+    )
+
+
+def _run(
+    converter: Converter,
+    writer: ShardSetWriter,
+    plan: Plan,
+    options: ConvertOptions,
+    engine: Engine,
+    strict: bool,
+    progress: Callable[[int], None] | None,
+    on_total: Callable[[int], None] | None,
+    on_shard: Callable[[str, int], None] | None,
+) -> tuple[dict[str, Any], int, int]:
+    """Computes the shards that are not complete and finalises; returns ``(manifest, written, resumed)``."""
     size = options.shard_size
     num_shards = {split: math.ceil(len(items) / size) for split, items in plan.splits.items() if items}
     jobs: list[ShardJob] = []
@@ -660,19 +820,13 @@ def convert(
             on_shard(job.split, job.index)
     extra = {"converter": {"format": converter.name, **plan.info}}
     manifest = writer.finalize(
-        num_shards=num_shards, classes=plan.classes, fps_ordered=options.fps, extra=extra
+        num_shards=num_shards,
+        classes=plan.classes,
+        fps_ordered=options.fps,
+        extra=extra,
+        require_samples=True,
     )
-    samples_per_split = {s: int(v.get("samples", 0)) for s, v in manifest.get("splits", {}).items()}
-    return ConvertReport(
-        format=converter.name,
-        out=str(out),
-        samples=samples_per_split,
-        classes=list(plan.classes),
-        rejected=count_rejected(out),
-        shards_written=written,
-        shards_resumed=resumed,
-        elapsed_s=round(time.perf_counter() - start, 3),
-    )
+    return manifest, written, resumed
 
 
 def dumps_report(report: ConvertReport) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +11,28 @@ from datapipes.converters import CONVERTERS, get_converter
 from datapipes.converters.base import ConvertOptions, ConvertReport, convert, dumps_report, resolve_options
 from datapipes.engines import make_engine
 from datapipes.errors import UserError
+from datapipes.progress import Progress
 
 _DESCRIPTION = """\
 Convert a raw dataset into pcpt shards (OUT/<split>-NNNNNN.tar + manifest.json + rejected.jsonl).
 
 Meshes are sampled on the surface (--points, default 8192) with face normals; objects are centred and
 scaled to the unit sphere (not kitti, not scanobjectnn, unless --normalize); points are stored in
-farthest-point order (not kitti, unless --fps). Bad input files are skipped and listed with the reason in
-OUT/rejected.jsonl (--strict: fail instead). Running the same command again resumes: complete shards are
-verified and kept, the rest is recomputed. Local processes (--workers N) and Ray (--engine ray) give
+farthest-point order (not kitti, unless --fps). Running the same command again resumes: complete shards
+are verified and kept, the rest is recomputed. Local processes (--workers N) and Ray (--engine ray) give
 byte-identical shards.
+
+Bad input: a file that cannot be used (unreadable, malformed or truncated, NaN/inf values or coordinates
+beyond 1e18, a degenerate cloud) is skipped and listed with the reason in OUT/rejected.jsonl, and the run
+goes on (--strict: fail on the first one). If every input is rejected the command fails (exit 2) and writes
+no manifest. File names that are not valid UTF-8 are recorded with \\xNN escapes. A class folder without
+usable files keeps its label index (labels stay stable) and is listed under "empty classes" in the summary
+(empty_classes in --json).
+
+OUT: must be new, empty, or an earlier pcpt conversion of the same options (which is resumed); any other
+folder is refused before anything is written, and pcpt only ever replaces its own files there (shards,
+manifest.json, rejected.jsonl, .pcpt-progress/). One conversion at a time writes to OUT: a second one is
+refused while the first runs (a lock in OUT/.pcpt-progress/, released when the first ends, even if killed).
 """
 
 
@@ -217,34 +228,31 @@ def format_report(report: ConvertReport) -> str:
     lines.append(
         f"  shards: {report.shards_written} written, {report.shards_resumed} kept from an earlier run"
     )
+    if report.empty_classes:
+        lines.append(
+            f"  empty classes (no sample in any split; label kept): {len(report.empty_classes)}: "
+            + ", ".join(report.empty_classes)
+        )
     return "\n".join(lines)
 
 
 def run_convert(args: argparse.Namespace) -> int:
     """Handler of ``pcpt-data convert``: converts, prints the summary, returns the exit status."""
-    from tqdm import tqdm
-
     options = options_from_args(args)
     converter = get_converter(options.format)
     engine = make_engine(args.engine, workers=args.workers, ray_address=args.ray_address)
-    bar = tqdm(total=0, unit="sample", desc=f"convert {options.format}", disable=args.quiet, file=sys.stderr)
-
-    def set_total(total: int) -> None:
-        bar.total = total
-        bar.refresh()
-
     try:
-        report = convert(
-            converter,
-            options,
-            Path(args.out),
-            engine,
-            strict=args.strict,
-            progress=bar.update,
-            on_total=set_total,
-        )
+        with Progress(None, f"convert {options.format}", "sample", disable=args.quiet) as bar:
+            report = convert(
+                converter,
+                options,
+                Path(args.out),
+                engine,
+                strict=args.strict,
+                progress=bar.update,
+                on_total=bar.set_total,
+            )
     finally:
-        bar.close()
         engine.close()
     print(dumps_report(report) if args.json else format_report(report))
     return 0

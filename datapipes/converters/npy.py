@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from datapipes.converters.base import Converter, ConvertOptions, Plan, RawCloud, WorkItem, as_points, make_key
@@ -66,7 +67,7 @@ class ShapeNet55(Converter):
         pc_dir, list_dir = _find_shapenet(src)
         entries: dict[str, list[str]] = {}
         for split in ("train", "test"):
-            lines = (list_dir / f"{split}.txt").read_text().split()
+            lines = os.fsdecode((list_dir / f"{split}.txt").read_bytes()).split()  # names, as file names
             entries[split] = sorted(dict.fromkeys(ln.strip() for ln in lines if ln.strip()))
         synsets = sorted({e.split("-", 1)[0] for names in entries.values() for e in names})
         index = {s: i for i, s in enumerate(synsets)}

@@ -54,7 +54,7 @@ def npy_shape(path: Path) -> tuple[int, ...] | None:
     try:
         with path.open("rb") as fh:
             return tuple(_npy_header(fh)[0])
-    except (OSError, ValueError, EOFError):
+    except Exception:  # a probe: any unreadable header means "not a usable .npy" (read() gives the reason)
         return None
 
 
@@ -74,8 +74,8 @@ def load_npy(path: Path) -> np.ndarray:
     with path.open("rb") as fh:
         try:
             shape, fortran, dtype = _npy_header(fh)
-        except (ValueError, EOFError) as err:
-            raise Reject(f"not a .npy file ({err})") from None
+        except (ValueError, EOFError, SyntaxError, TypeError, KeyError) as err:  # header is a Python literal
+            raise Reject(f"not a .npy file ({type(err).__name__}: {err})") from None
         if dtype.hasobject:
             raise Reject("object (pickled) .npy arrays are refused")
         expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize

@@ -8,6 +8,7 @@ official 8192-point FPS cache (here with a deterministic start).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,8 @@ from datapipes.errors import UserError
 
 
 def _read_lines(path: Path) -> list[str]:
-    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    """Non-empty lines of a list file; names are decoded like file names (bytes that are not UTF-8 kept)."""
+    return [ln.strip() for ln in os.fsdecode(path.read_bytes()).splitlines() if ln.strip()]
 
 
 class ModelNetResampled(Converter):

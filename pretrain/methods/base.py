@@ -21,7 +21,7 @@ from pretrain.checkpoint import git_sha, save_encoder
 from pretrain.encoders import build_encoder
 from pretrain.encoders.base import PointEncoder
 from pretrain.encoders.spec import DataContract, EncoderSpec
-from pretrain.training import configure_adamw_cosine, seeded_generator
+from pretrain.training import configure_adamw_cosine, epochs_trained, seed_step_randomness, seeded_generator
 
 __all__ = ["PretrainModule"]
 
@@ -87,6 +87,10 @@ class PretrainModule(pl.LightningModule):
         """
         return seeded_generator(self.seed, self.global_rank, self.global_step, batch_idx, stream)
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Seeds the default generators for this step (drop-path, dropout): see ``seed_step_randomness``."""
+        seed_step_randomness(self.seed, "layers", self.global_rank, self.global_step, batch_idx)
+
     # --------------------------------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> Any:
         """AdamW over the official decay / no-decay groups and a per-step warmup + cosine schedule."""
@@ -151,7 +155,7 @@ class PretrainModule(pl.LightningModule):
         info = {
             "method": self.method_name,
             "step": int(self.global_step),
-            "epoch": int(self.current_epoch),
+            "epoch": epochs_trained(self._trainer) if self._trainer is not None else 0,
             "git_sha": git_sha(),
             **{k: v for k, v in self.provenance_extra.items() if v is not None},
             **provenance,

@@ -245,7 +245,7 @@ class PointBERT(PretrainModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         points = self.batch_points(batch)
         generator = self.step_generator(batch_idx)
-        groups = self.encoder.group(points)
+        groups = self.encoder.group(points, generator=generator)
         targets = self.token_targets(groups)
         mask = self.make_mask(groups.centers, generator)
         logits, cls = self.query(groups.neighborhoods, groups.centers, mask)

@@ -117,7 +117,7 @@ class PointMAE(PretrainModule):
         self, points: Tensor, mask: Tensor | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
         """Point-MAE loss of a batch of clouds (B, N, 3), with a given or freshly drawn mask."""
-        groups, tokens = self.encoder.tokenize(points)
+        groups, tokens = self.encoder.tokenize(points, generator=generator)  # used by fps_start="random"
         if mask is None:
             mask = self.make_mask(groups, generator)
         prediction, target = self.reconstruct(groups, tokens, mask)

@@ -68,3 +68,20 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
+
+
+def member_offsets(path: Path) -> list[int]:
+    """Byte offsets of the tar headers of a shard's members, then of its end-of-archive blocks."""
+    data = path.read_bytes()
+    offsets, pos = [], 0
+    while data[pos : pos + 512] != bytes(512):
+        offsets.append(pos)
+        size = int(data[pos + 124 : pos + 136].split(b"\0", 1)[0].strip() or b"0", 8)
+        pos += 512 + size + (-size % 512)
+    return [*offsets, pos]
+
+
+def truncate_at_member(path: Path, index: int) -> None:
+    """Cuts a shard exactly before the header of member ``index`` (a tar header boundary)."""
+    cut = member_offsets(path)[index]
+    path.write_bytes(path.read_bytes()[:cut])

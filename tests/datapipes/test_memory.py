@@ -27,7 +27,10 @@ def test_load_split_arrays_fps_ordered_takes_prefix_and_caps(tmp_path):
     write_tiny(tmp_path / "ds", fps_ordered=True, points=48)
     xyz, _, _ = load_split_arrays(tmp_path / "ds", "test", 20)
     np.testing.assert_array_equal(xyz[0], make_samples(64, 1)[0]["xyz"][:20])
-    capped, _, _ = load_split_arrays(tmp_path / "ds", "test", 1200)  # like Point-MAE's FPS pool of 1200
+    with pytest.raises(UserError, match=r"ds: split 'test' stores clouds of 48 points .* 1200 requested"):
+        load_split_arrays(tmp_path / "ds", "test", 1200)  # never silently fewer points than asked for
+    # an explicit upper bound, like Point-MAE's FPS pool of 1200
+    capped, _, _ = load_split_arrays(tmp_path / "ds", "test", 1200, cap_to_stored=True)
     assert capped.shape == (16, 48, 3)
     everything, _, _ = load_split_arrays(tmp_path / "ds", "test", None)
     assert everything.shape == (16, 48, 3)
@@ -40,7 +43,9 @@ def test_unequal_clouds_need_num_points(tmp_path):
     writer.finalize(num_shards={"train": 1}, classes=["a", "b", "c"], fps_ordered=True)
     with pytest.raises(UserError, match="sizes"):
         load_split_arrays(root, "train", None)
-    xyz, _, _ = load_split_arrays(root, "train", 12)
+    with pytest.raises(UserError, match="10 points"):
+        load_split_arrays(root, "train", 12)
+    xyz, _, _ = load_split_arrays(root, "train", 12, cap_to_stored=True)
     assert xyz.shape == (4, 10, 3)  # capped at the smallest cloud
 
 

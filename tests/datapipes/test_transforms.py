@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from datapipes.errors import UserError
 from datapipes.transforms import (
     PRESETS,
     Compose,
@@ -76,9 +77,12 @@ def test_take_points_first_and_random_keep_rows_aligned():
         np.testing.assert_array_equal(rand[name], sample[name][rows])
 
 
-def test_take_points_tops_up_small_clouds():
+def test_take_points_refuses_small_clouds_unless_asked_to_top_up():
     sample = cloud(5)
-    out = TakePoints(12, mode="random")(sample, np.random.default_rng(0))
+    for mode in ("first", "random"):
+        with pytest.raises(UserError, match="sample 'k' has 5 points, fewer than the 12 requested"):
+            TakePoints(12, mode=mode)(sample, np.random.default_rng(0))  # type: ignore[arg-type]
+    out = TakePoints(12, mode="random", top_up=True)(sample, np.random.default_rng(0))
     rows = out["curv"].astype(int)
     assert out["xyz"].shape == (12, 3)
     assert rows[:5].tolist() == [0, 1, 2, 3, 4]

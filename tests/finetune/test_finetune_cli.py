@@ -68,7 +68,7 @@ def test_finetune_rejects_contract_mismatch(
     )
     status = finetune_main(_fit_args(demo, art, tmp_path / "run"))
     assert status == 2
-    assert "does not match the encoder's contract 'none'" in capsys.readouterr().err
+    assert "the encoder expects normalization 'none'" in capsys.readouterr().err
 
 
 def test_val_split_equal_to_test_split_is_refused(demo: Path) -> None:

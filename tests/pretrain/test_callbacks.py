@@ -172,7 +172,6 @@ def test_encoder_export_requires_contract(tmp_path):
 
 
 @pytest.mark.ddp
-@pytest.mark.slow
 def test_callbacks_under_two_process_ddp(tmp_path):
     data = monitor_data()
     monitor = KNNMonitor.from_arrays(*data, k=5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -77,12 +78,14 @@ def test_bad_config_value_is_a_clear_error(demo: Path, tmp_path: Path) -> None:
 
 @pytest.mark.ddp
 def test_two_process_gloo_ddp(demo: Path, tmp_path: Path) -> None:
-    """Two CPU ranks (gloo): different data on each rank, identical weights at the end."""
+    """Two CPU ranks (gloo): different data per rank, identical weights, the artifact in its default place."""
     record = tmp_path / "record"
     args = [
-        *TINY, f"--data.data_root={demo}", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=2",
-        f"--export_dir={tmp_path / 'art'}",
-    ]  # fmt: skip
+        *TINY,
+        f"--data.data_root={demo}",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.max_epochs=2",
+    ]
     ranks = fit_two_ranks(args, callback="tests.pretrain.methods.record_callback.RecordRank", record=record)
     assert [r["world_size"] for r in ranks] == [2, 2]
     # 32 train samples / (batch 4 x 2 ranks) = 4 batches per rank and epoch, the same on both ranks
@@ -90,4 +93,29 @@ def test_two_process_gloo_ddp(demo: Path, tmp_path: Path) -> None:
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 8
     assert ranks[0]["keys"] != ranks[1]["keys"]
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
-    load_encoder(tmp_path / "art")
+    # the artifact goes to the default place (<log dir>/encoder) with any number of devices
+    _, meta = load_encoder(tmp_path / "encoder")
+    assert meta["provenance"]["step"] == 8
+
+
+@pytest.mark.ddp
+def test_in_memory_ddp_ranks_split_the_single_process_epoch(demo: Path, tmp_path: Path) -> None:
+    """With in-memory data, the two ranks' batches of an epoch are the single-process epoch, split in two."""
+    callback = "tests.pretrain.methods.record_callback.RecordRank"
+    common = [*TINY, f"--data.data_root={demo}", "--data.streaming=false", "--trainer.max_epochs=1"]
+    ranks = fit_two_ranks(
+        [*common, f"--trainer.default_root_dir={tmp_path / 'ddp'}"],
+        callback=callback,
+        record=tmp_path / "ddp",
+    )
+    single = tmp_path / "single"
+    assert pretrain_main(
+        ["fit", *common, f"--trainer.default_root_dir={single}", f"--trainer.callbacks+={callback}",
+         f"--trainer.callbacks.out_dir={single}"]
+    ) == 0  # fmt: skip
+    alone = json.loads((single / "rank0.json").read_text())
+    per_rank = [[key for batch in r["keys"] for key in batch] for r in ranks]
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(key for batch in alone["keys"] for key in batch)
+    assert len(per_rank[0]) == len(per_rank[1]) == 16  # 32 clouds / 2 ranks
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
