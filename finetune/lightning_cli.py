@@ -21,7 +21,7 @@ from finetune.classification import PointClassifier
 from finetune.data import ClassificationDataModule
 from pretrain.lightning_base import PcptLightningCLI, run_lightning
 
-__all__ = ["FinetuneCLI", "run_lightning_cli"]
+__all__ = ["CLI_KWARGS", "FinetuneCLI", "run_lightning_cli"]
 
 
 class FinetuneCLI(PcptLightningCLI):
@@ -83,13 +83,15 @@ class FinetuneCLI(PcptLightningCLI):
         print(f"pcpt-finetune: results written to {out}")
 
 
+#: how ``pcpt-finetune`` builds its LightningCLI (also used to instantiate configs without running them).
+CLI_KWARGS: dict[str, Any] = {
+    "model_class": PointClassifier,
+    "datamodule_class": ClassificationDataModule,
+    "save_config_kwargs": {"overwrite": True},
+    "auto_configure_optimizers": False,
+}
+
+
 def run_lightning_cli(argv: Sequence[str]) -> int:
     """Runs the finetuning LightningCLI with ``argv`` (starting with the subcommand); returns 0."""
-    return run_lightning(
-        FinetuneCLI,
-        argv,
-        model_class=PointClassifier,
-        datamodule_class=ClassificationDataModule,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    return run_lightning(FinetuneCLI, argv, **CLI_KWARGS)

@@ -19,7 +19,7 @@ from pretrain.checkpoint import check_artifact_destination
 from pretrain.lightning_base import PcptLightningCLI, run_lightning
 from pretrain.methods.base import PretrainModule
 
-__all__ = ["PretrainCLI", "run_lightning_cli"]
+__all__ = ["CLI_KWARGS", "PretrainCLI", "run_lightning_cli"]
 
 
 def _sha256_file(path: Path) -> str | None:
@@ -76,14 +76,16 @@ class PretrainCLI(PcptLightningCLI):
         print(f"pcpt-pretrain: artifact written to {path}")
 
 
+#: how ``pcpt-pretrain`` builds its LightningCLI (also used to instantiate configs without running them).
+CLI_KWARGS: dict[str, Any] = {
+    "model_class": PretrainModule,
+    "datamodule_class": PointCloudDataModule,
+    "subclass_mode_model": True,
+    "save_config_kwargs": {"overwrite": True},
+    "auto_configure_optimizers": False,
+}
+
+
 def run_lightning_cli(argv: Sequence[str]) -> int:
     """Runs LightningCLI with ``argv`` (starting with the subcommand, e.g. ``fit``); returns 0."""
-    return run_lightning(
-        PretrainCLI,
-        argv,
-        model_class=PretrainModule,
-        datamodule_class=PointCloudDataModule,
-        subclass_mode_model=True,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    return run_lightning(PretrainCLI, argv, **CLI_KWARGS)

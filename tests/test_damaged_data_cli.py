@@ -63,7 +63,7 @@ def test_pretrain_fit_refuses_a_truncated_shard(data: dict[str, Path], tmp_path:
     exe = console_script("pcpt-pretrain")
     cmd = [
         exe, "fit", "-c", str(REPO / "configs/pretrain/point_mae_tiny.yaml"),
-        "-c", str(REPO / "configs/trainer/cpu_smoke.yaml"), "--trainer.enable_checkpointing=true",
+        "-c", str(REPO / "configs/trainer/cpu_smoke.yaml"),
         "--model.init_args.encoder.embed_dim=32", "--model.init_args.encoder.depth=1",
         "--model.init_args.encoder.num_heads=2", "--model.init_args.encoder.num_groups=8",
         "--model.init_args.encoder.group_size=8", "--model.init_args.encoder.tokenizer_dim=32",

@@ -102,3 +102,20 @@ def test_block_masking_option(gen: torch.Generator) -> None:
 def test_bad_mask_ratio(ratio: float) -> None:
     with pytest.raises(ValueError, match="mask_ratio"):
         PointMAE(EncoderSpec.named("tiny"), mask_ratio=ratio)
+
+
+def test_random_fps_start_draws_from_the_step_generator_only() -> None:
+    torch.manual_seed(0)
+    model = PointMAE(EncoderSpec.named("tiny", fps_start="random", drop_path=0.0), decoder_depth=1).eval()
+    xyz = torch.rand(2, 128, 3, generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(123)  # the default generator's state must not matter
+        global_state = torch.random.get_rng_state()
+        with torch.no_grad():
+            losses.append(model.loss_for(xyz, generator=torch.Generator().manual_seed(7)))
+        assert torch.equal(torch.random.get_rng_state(), global_state)
+    assert torch.equal(losses[0], losses[1])
+    with torch.no_grad():
+        other = model.loss_for(xyz, generator=torch.Generator().manual_seed(8))
+    assert not torch.equal(other, losses[0])  # the start (and the mask) follow the generator
