@@ -31,8 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from datapipes.converters import get_converter  # noqa: E402
-from datapipes.converters.base import ConvertOptions, convert, resolve_options  # noqa: E402
+from datapipes.converters import (  # noqa: E402
+    ConvertOptions,
+    convert,
+    get_converter,
+    resolve_options,
+)
 from datapipes.engines import LocalEngine  # noqa: E402
 
 DEFAULT_MODELNET = Path("/work/shared/data/ModelNet40")

@@ -12,10 +12,18 @@ is much less sensitive than wall-clock time to other load on a shared machine. P
 the largest sum of RSS over the main process and its DataLoader workers, sampled every 20 ms during an epoch,
 for the same data split into few or many shards.
 
+The decode section (``--decode-only`` runs just it) times the member decoders on their own: ``.npy`` point
+arrays read from real shards, decoded by pcpt and, in the same process, by a reference copy of the
+hand-rolled decoder pcpt used before it switched to NumPy's reader (a cached header parse and one
+``frombuffer`` copy) and by NumPy's reader parsing every header; PNG/JPEG images of several sizes decoded by
+``decode_image``; and whole-split reads through ``iter_split_samples`` (samples/s, every field decoded and
+checked).
+
 Usage::
 
     python benchmarks/bench_pipeline.py                                  # synthetic data only
     python benchmarks/bench_pipeline.py --modelnet ../shared/data/ModelNet40   # also real ModelNet40 clouds
+    python benchmarks/bench_pipeline.py --decode-only                    # member decoders only (seconds)
 
 Prints one JSON document on stdout (progress on stderr).
 """
@@ -25,14 +33,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import io
 import json
+import math
 import os
 import platform
 import resource
 import statistics
+import struct
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -44,7 +56,14 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datapipes.pipeline import collate, make_train_loader
-from datapipes.shards import ShardSetWriter, iter_shard_samples, shard_paths
+from datapipes.shards import (
+    ShardSetWriter,
+    decode_npy,
+    iter_shard_members,
+    iter_shard_samples,
+    iter_split_samples,
+    shard_paths,
+)
 from datapipes.synthetic import write_synthetic
 from datapipes.transforms import Compose, ScaleAndTranslate, TakePoints, Transform
 
@@ -321,6 +340,145 @@ def compare(
     return {"samples": samples, "batches_per_epoch": batches, "num_points": num_points, "results": results}
 
 
+# ------------------------------------------------------------------------------------------------ decoding
+
+
+def _reference_decode_npy(data: bytes) -> np.ndarray:
+    """The hand-rolled ``.npy`` decoder pcpt used before NumPy's reader, kept here only as a yardstick.
+
+    It parsed the header with numpy's header functions (cached per distinct header), checked the payload size
+    and made one copy with ``np.frombuffer``.
+    """
+    if data[:6] != b"\x93NUMPY":
+        raise ValueError("not an .npy payload")
+    end = 10 + struct.unpack("<H", data[8:10])[0] if data[6] == 1 else 12 + struct.unpack("<I", data[8:12])[0]
+    dtype, shape, fortran, offset = _reference_header(bytes(data[:end]))
+    if dtype.hasobject:
+        raise ValueError("object array")
+    count = math.prod(shape)
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError("wrong payload size")
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return flat.reshape(shape, order="F" if fortran else "C").copy()
+
+
+_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool, int]] = {}
+
+
+def _reference_header(prefix: bytes) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    if prefix not in _HEADERS:
+        stream = io.BytesIO(prefix)
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+        _HEADERS[prefix] = (dtype, tuple(shape), bool(fortran), stream.tell())
+    return _HEADERS[prefix]
+
+
+def _numpy_read_array(data: bytes) -> np.ndarray:
+    """NumPy's reader on every member, header parse included (what pcpt does for a header seen once)."""
+    return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+
+
+def _per_item_us(fn: Callable[[Any], Any], items: list[Any], repeats: int) -> float:
+    """Median over ``repeats`` passes of the mean microseconds ``fn`` takes per item."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for item in items:
+            fn(item)
+        times.append((time.perf_counter() - start) / len(items) * 1e6)
+    return round(statistics.median(times), 2)
+
+
+def _png_unfiltered(image: np.ndarray) -> bytes:
+    """PNG bytes with filter type 0 on every row and no ancillary chunk (what pcpt wrote before Pillow)."""
+    height, width, channels = image.shape
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        )
+
+    rows = np.concatenate([np.zeros((height, 1), np.uint8), image.reshape(height, -1)], axis=1)
+    header = struct.pack(">IIBBBBB", width, height, 8, {1: 0, 3: 2, 4: 6}[channels], 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _test_image(size: int, channels: int, seed: int) -> np.ndarray:
+    """A smooth image with noise (compresses like a render, not like pure noise)."""
+    rng = np.random.default_rng(seed)
+    ramp = np.add.outer(np.arange(size), np.arange(size)) * (255.0 / (2 * size))
+    noise = rng.normal(0.0, 8.0, size=(size, size, channels))
+    return np.clip(ramp[:, :, None] + noise, 0, 255).astype(np.uint8)
+
+
+def bench_decode(root: Path, repeats: int) -> dict[str, Any]:
+    """Member decoders on their own: ``.npy`` arrays of ``root``'s train split, and PNG/JPEG images."""
+    try:
+        from datapipes.shards import decode_image
+    except ImportError:  # older layout
+        from datapipes.pipeline import decode_image  # type: ignore[attr-defined,no-redef]
+    arrays: dict[str, list[bytes]] = {}
+    for path in shard_paths(root, "train"):
+        for _, members in iter_shard_members(path):
+            for suffix, data in members.items():
+                if suffix.endswith(".npy"):
+                    arrays.setdefault(suffix, []).append(data)
+    npy: dict[str, Any] = {}
+    for suffix, payloads in sorted(arrays.items()):
+        for data in payloads[:20]:  # both decoders agree before anything is timed
+            np.testing.assert_array_equal(decode_npy(data), _reference_decode_npy(data))
+        shape = list(_reference_decode_npy(payloads[0]).shape)
+        npy[suffix] = {
+            "members": len(payloads),
+            "shape": shape,
+            "us_per_member": {
+                "pcpt": _per_item_us(decode_npy, payloads, repeats),
+                "reference_hand_rolled": _per_item_us(_reference_decode_npy, payloads, repeats),
+                "numpy_read_array_every_header": _per_item_us(_numpy_read_array, payloads, repeats),
+            },
+        }
+        log(f"decode {suffix} {shape}: {npy[suffix]['us_per_member']}")
+    images: dict[str, Any] = {}
+    for size, channels in ((32, 1), (64, 3), (224, 3)):
+        pixels = [_test_image(size, channels, seed) for seed in range(16)]
+        kinds: dict[str, list[bytes]] = {"png_unfiltered": [_png_unfiltered(p) for p in pixels]}
+        try:
+            from PIL import Image
+
+            for fmt, name in (("PNG", "png_filtered"), ("JPEG", "jpeg")):
+                encoded = []
+                for p in pixels:
+                    buf = io.BytesIO()
+                    Image.fromarray(p[:, :, 0] if channels == 1 else p).save(buf, format=fmt)
+                    encoded.append(buf.getvalue())
+                kinds[name] = encoded
+        except ImportError:
+            pass
+        entry = {}
+        for name, blobs in kinds.items():
+            entry[name] = _per_item_us(lambda b: decode_image(b, where="bench"), blobs, max(1, repeats // 2))
+        images[f"{size}x{size}x{channels}"] = {"us_per_image": entry}
+        log(f"decode images {size}x{size}x{channels}: {entry}")
+    rates = []
+    for _ in range(max(1, repeats // 4)):
+        start, count = time.perf_counter(), 0
+        for _sample in iter_split_samples(root, "train"):
+            count += 1
+        rates.append(count / (time.perf_counter() - start))
+    split = {"samples": count, "samples_per_s": round(statistics.median(rates), 1)}
+    log(f"iter_split_samples: {split}")
+    return {"npy": npy, "images": images, "iter_split_samples": split}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default="/tmp/pcpt-bench", help="scratch folder for shards and npy trees")
@@ -343,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--modelnet", default=None, help="ModelNet40 npy tree (1024 points per cloud)")
     parser.add_argument("--modelnet-num-points", type=int, default=512)
+    parser.add_argument("--decode-only", action="store_true", help="only the member-decoder section")
+    parser.add_argument("--decode-repeats", type=int, default=20, help="passes per decoder timing (median)")
     args = parser.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -362,20 +522,19 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: v for k, v in vars(args).items() if k != "work"},
     }
     synth = make_synthetic(work, args.samples, args.points, args.shard_size)
+    report["decode"] = bench_decode(synth, args.decode_repeats)
+    if args.decode_only:
+        report["machine"]["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        print(json.dumps(report, indent=2))
+        return 0
     tree = export_npy_tree(synth, work / f"{synth.name}-npy")
     # Same content on both sides (xyz + label); the demo layout also stores normals and metadata.
     lean = reshard(synth, work / f"{synth.name}-xyz", args.shard_size)
     runs = {"synthetic": lean, "synthetic_demo_layout": synth} if args.demo_layout else {"synthetic": lean}
+    loaders = {"batch_size": args.batch_size, "workers": args.workers, "persistent": args.persistent}
     for name, shards in runs.items():
         report[name] = compare(
-            name,
-            shards,
-            tree,
-            num_points=args.num_points,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            repeats=args.repeats,
-            persistent=args.persistent,
+            name, shards, tree, num_points=args.num_points, repeats=args.repeats, **loaders
         )
     if args.demo_layout:
         report["synthetic_demo_layout"]["note"] = (
@@ -406,15 +565,9 @@ def main(argv: list[str] | None = None) -> int:
         modelnet = Path(args.modelnet)
         if (modelnet / "airplane" / "train").is_dir():
             shards = convert_npy_tree(modelnet, work / "modelnet40-train", 500)
+            points = args.modelnet_num_points
             report["modelnet40"] = compare(
-                "modelnet40",
-                shards,
-                modelnet,
-                num_points=args.modelnet_num_points,
-                batch_size=args.batch_size,
-                workers=args.workers,
-                repeats=args.repeats,
-                persistent=args.persistent,
+                "modelnet40", shards, modelnet, num_points=points, repeats=args.repeats, **loaders
             )
             report["modelnet40"]["note"] = (
                 f"stored clouds have 1024 points; batches take {args.modelnet_num_points}"

@@ -87,11 +87,13 @@ def run_stage(stage: str, variant: str, args: argparse.Namespace) -> dict[str, A
     import torch
     from naive import make_naive
 
-    from pretrain.encoders.spec import DataContract, EncoderSpec
+    from pretrain.artifacts import save_module_artifact
+    from pretrain.dvae import DiscreteVAE, DVAESpec
+    from pretrain.encoders.spec import DataContract, PointViTSpec
     from pretrain.methods.dvae import PointDVAE
     from pretrain.methods.point_bert import PointBERT
+    from pretrain.ops import normalize_unit_sphere
     from pretrain.optim import param_groups
-    from pretrain.tokenizers import DiscreteVAE, DVAESpec, save_tokenizer
 
     warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer attached: logging is skipped
     torch.set_num_threads(args.threads)
@@ -99,18 +101,18 @@ def run_stage(stage: str, variant: str, args: argparse.Namespace) -> dict[str, A
     device = torch.device(args.device)
     if args.size == "official":
         dvae_args: dict[str, Any] = {"dvae": DVAESpec()}
-        encoder = EncoderSpec(tokenizer_dim=256, cls_token=True, mask_token=True)
+        encoder = PointViTSpec(tokenizer_dim=256, cls_token=True, mask_token=True)
         mpm_args: dict[str, Any] = {"encoder": encoder}
     else:
         dvae_args = model_init_args("point_bert_dvae_modelnet_cpu.yaml")
         dvae_args["dvae"] = DVAESpec(**dvae_args["dvae"])
         mpm_args = model_init_args("point_bert_modelnet_cpu.yaml")
-        mpm_args["encoder"] = EncoderSpec(**mpm_args["encoder"])
+        mpm_args["encoder"] = PointViTSpec(**mpm_args["encoder"])
     with tempfile.TemporaryDirectory() as tmp:
         if stage == "dvae":
             module: Any = PointDVAE(**dvae_args)
         else:
-            tokenizer = save_tokenizer(
+            tokenizer = save_module_artifact(
                 Path(tmp) / "tokenizer", DiscreteVAE(dvae_args["dvae"]), data=DataContract(), provenance={}
             )
             module = PointBERT(**{**mpm_args, "tokenizer": str(tokenizer)})
@@ -121,8 +123,8 @@ def run_stage(stage: str, variant: str, args: argparse.Namespace) -> dict[str, A
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())
     gen = torch.Generator().manual_seed(0)
-    clouds = torch.randn(args.steps + 1, args.batch, 1024, 3, generator=gen)
-    clouds = clouds / clouds.norm(dim=-1).amax(dim=-1)[..., None, None]
+    clouds = normalize_unit_sphere(torch.randn((args.steps + 1) * args.batch, 1024, 3, generator=gen))
+    clouds = clouds.view(args.steps + 1, args.batch, 1024, 3)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, losses = [], []

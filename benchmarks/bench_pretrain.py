@@ -28,13 +28,13 @@ from typing import Any
 import torch
 from naive import make_naive
 
-from pretrain.encoders.spec import EncoderSpec
+from pretrain.encoders.spec import PointViTSpec
 from pretrain.methods.point_mae import PointMAE
 
 
 def make_model(variant: str, device: torch.device) -> PointMAE:
     torch.manual_seed(0)
-    model = PointMAE(EncoderSpec(), mask_ratio=0.6, decoder_depth=4).to(device)
+    model = PointMAE(PointViTSpec(), mask_ratio=0.6, decoder_depth=4).to(device)
     if variant == "naive":
         make_naive(model)
     return model

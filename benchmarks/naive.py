@@ -20,14 +20,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pretrain.nn.tokenizer import MiniPointNet
+from pretrain.nn.pointnet import MiniPointNet
 from pretrain.nn.transformer import Attention
 from pretrain.ops.grouping import PatchGroups
 
 __all__ = ["make_naive", "naive_fps"]
 
 
-def naive_attention_forward(self: Attention, x: Tensor) -> Tensor:
+def naive_attention_forward(self: Attention, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    if attn_mask is not None:
+        raise NotImplementedError("the naive baseline has no attention masks")
     batch, length, dim = x.shape
     qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]

@@ -17,12 +17,24 @@ from collections.abc import Sequence
 from typing import Any
 
 from datapipes._version import __version__
+from datapipes.cli_common import add_command
 from datapipes.errors import UserError, run_cli
 from datapipes.progress import Progress
 
 __all__ = ["build_parser", "main"]
 
 PROG = "pcpt-data"
+#: ``synth`` options passed to :func:`~datapipes.synthetic.write_synthetic` under the same names.
+_SYNTH_OPTIONS = (
+    "classes",
+    "per_class",
+    "test_per_class",
+    "points",
+    "seed",
+    "images",
+    "shard_size",
+    "image_size",
+)
 _OPTIONAL_PARSERS = (
     ("datapipes.converters.cli", "add_convert_parser", "convert"),
     ("datapipes.dedup", "add_dedup_parser", "dedup"),
@@ -51,18 +63,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     shards = math.ceil(args.classes * args.per_class / args.shard_size)
     shards += math.ceil(args.classes * args.test_per_class / args.shard_size)
     with _progress(shards, "synth") as bar:
-        write_synthetic(
-            args.out,
-            classes=args.classes,
-            per_class=args.per_class,
-            test_per_class=args.test_per_class,
-            points=args.points,
-            seed=args.seed,
-            images=args.images,
-            shard_size=args.shard_size,
-            image_size=args.image_size,
-            on_shard=lambda name, n: bar.update(1),
-        )
+        options = {name: getattr(args, name) for name in _SYNTH_OPTIONS}
+        write_synthetic(args.out, **options, on_shard=lambda name, n: bar.update(1))
     report = inspect_shards(args.out, verify=False)
     if args.json:
         print(json.dumps(report.to_json(), sort_keys=True))
@@ -124,8 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pcpt {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    synth = subparsers.add_parser(
+    synth = add_command(
+        subparsers,
         "synth",
+        _cmd_synth,
+        raw=False,
         help="write the embedded demo dataset (procedural labelled shapes) as shards",
         description=(
             "Writes deterministic procedural shapes (sphere, ellipsoid, cube, cuboid, cylinder, capsule, "
@@ -144,10 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--image-size", type=int, default=32, help="depth view side in pixels (default 32)")
     synth.add_argument("--shard-size", type=int, default=100, help="samples per shard (default 100)")
     synth.add_argument("--json", action="store_true", help="print the dataset summary as JSON")
-    synth.set_defaults(func=_cmd_synth)
 
-    inspect = subparsers.add_parser(
+    inspect = add_command(
+        subparsers,
         "inspect",
+        _cmd_inspect,
+        raw=False,
         help="summarise a shard folder and verify every shard against its manifest",
         description=(
             "Prints splits, classes, per-class counts, fields and point counts, then hashes and decodes "
@@ -158,7 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("out", metavar="OUT", help="shard folder (with manifest.json)")
     inspect.add_argument("--json", action="store_true", help="print the summary and problems as JSON")
     inspect.add_argument("--no-verify", action="store_true", help="summary only: skip hashing and decoding")
-    inspect.set_defaults(func=_cmd_inspect)
 
     _add_optional(subparsers)
     return parser

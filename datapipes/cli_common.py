@@ -2,9 +2,12 @@
 
 - :class:`CliParser`: an ``ArgumentParser`` whose errors become one-line :class:`~datapipes.errors.UserError`
   messages (``run_cli`` prints them and exits with status 2).
+- :func:`add_command`: registers one ``pcpt-data`` subcommand (parser and handler).
 - :func:`positive_int`: an argparse ``type`` for integers >= 1.
 - :func:`dispatch`: runs one subcommand, either a passthrough one that receives the remaining argv untouched
   (e.g. ``fit`` -> LightningCLI) or an argparse one whose parser sets a ``handler`` default.
+- :func:`run_subcommands`: the whole ``main`` of a subcommand CLI: :func:`dispatch` under
+  :func:`~datapipes.errors.run_cli` (one-line user errors, exit status 2).
 - :func:`print_json`: the indented, key-sorted JSON every ``--json`` summary of the model CLIs prints.
 - :func:`resolve_device`: ``--device auto|cpu|cuda`` -> a torch device name, with a user error when CUDA
   is asked for and missing.
@@ -20,9 +23,18 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
-from datapipes.errors import UserError
+from datapipes.errors import UserError, run_cli
 
-__all__ = ["CliParser", "Handler", "Passthrough", "dispatch", "positive_int", "print_json", "resolve_device"]
+__all__ = [
+    "CliParser",
+    "Handler",
+    "Passthrough",
+    "dispatch",
+    "positive_int",
+    "print_json",
+    "resolve_device",
+    "run_subcommands",
+]
 
 #: an argparse subcommand: parsed arguments -> exit status.
 Handler = Callable[[argparse.Namespace], int]
@@ -35,6 +47,31 @@ class CliParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UserError(f"{message} (see '{self.prog} --help')")
+
+
+def add_command(
+    subparsers: Any,
+    name: str,
+    handler: Handler,
+    *,
+    help: str,
+    description: str,
+    epilog: str | None = None,
+    raw: bool = True,
+) -> argparse.ArgumentParser:
+    """Registers subcommand ``name`` on ``subparsers`` (from ``add_subparsers()``); ``handler`` runs it.
+
+    With ``raw`` the description and epilog are printed as written (line breaks kept), otherwise rewrapped.
+    """
+    parser = subparsers.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter if raw else argparse.HelpFormatter,
+    )
+    parser.set_defaults(func=handler)
+    return parser
 
 
 def positive_int(text: str) -> int:
@@ -72,6 +109,26 @@ def dispatch(
         return exit_.code if isinstance(exit_.code, int) else 0
     handler: Handler = namespace.handler
     return handler(namespace)
+
+
+def run_subcommands(
+    prog: str,
+    argv: Sequence[str] | None,
+    parser_factory: Callable[[], argparse.ArgumentParser],
+    passthrough: Mapping[str, Passthrough],
+) -> int:
+    """Entry point of a subcommand CLI: :func:`dispatch` under :func:`~datapipes.errors.run_cli`.
+
+    Args:
+        prog: command name used as the error prefix, e.g. ``pcpt-finetune``.
+        argv: arguments without the program name; None reads ``sys.argv``.
+        parser_factory: builds the argparse parser (see :func:`dispatch`).
+        passthrough: subcommand name -> function of the remaining arguments.
+
+    Returns:
+        The exit status (0 ok, 2 user error).
+    """
+    return run_cli(prog, lambda args: dispatch(args, parser_factory, passthrough), argv)
 
 
 def print_json(data: Mapping[str, Any]) -> None:

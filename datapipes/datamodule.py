@@ -14,8 +14,9 @@ every shard against the manifest's sha256 before training starts.
 
 from __future__ import annotations
 
-import hashlib
-from functools import cached_property
+from collections.abc import Callable
+from dataclasses import replace
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,11 +25,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from datapipes.collate import collate
+from datapipes.epochs import Capped, EpochLoader
 from datapipes.errors import UserError
+from datapipes.files import sha256_file
 from datapipes.memory import InMemoryPointDataset
-from datapipes.pipeline import EpochLoader, collate, make_train_loader, resolve_rank
+from datapipes.pipeline import make_train_loader
 from datapipes.shards import MANIFEST_NAME, check_shard_hashes, read_manifest, shard_paths
+from datapipes.streams import resolve_rank
 from datapipes.transforms import Compose, NormalizeUnitSphere, TakePoints, Transform, build_augment
+from datapipes.types import BatchFields, PointBatch
 
 __all__ = ["PointCloudDataModule"]
 
@@ -43,7 +49,8 @@ class PointCloudDataModule(pl.LightningDataModule):
         train_split: split used for training.
         val_split: split used for validation (``None``: no validation).
         num_points: points per cloud in every batch; at most the smallest stored cloud (``points.min`` in the
-            manifest), clouds are never padded with repeated points.
+            manifest), clouds are never padded with repeated points. With ``fields.ragged`` an upper bound:
+            smaller clouds keep all their points and batches are padded (see :class:`BatchFields`).
         batch_size: per-device batch size.
         num_workers: DataLoader worker processes.
         batches_per_epoch: training batches per epoch on every rank; default: train samples //
@@ -57,9 +64,11 @@ class PointCloudDataModule(pl.LightningDataModule):
         fps_pool: with ``"random"`` on FPS-ordered shards, draw from the first ``fps_pool`` points (1200 for
             1024 reproduces Point-MAE fine-tuning); an upper bound, capped at the stored cloud size.
         normalize: centre and scale every selected cloud into the unit sphere (before augmentation).
-        normals: put normals into batches.
-        point_features: per-point fields (``"feat"``, ``"curv"``) concatenated into ``feats``.
-        images: put one image view per cloud into batches.
+        fields: what batches hold besides points, labels and keys (normals, feature channels, image views,
+            point views, ragged clouds), e.g. ``fields: {normals: true, point_views: 2}`` in YAML.
+        normals: shorthand kept for existing configs: ``fields.normals``.
+        point_features: shorthand kept for existing configs: ``fields.point_features``.
+        images: shorthand kept for existing configs: one image view (``fields.image_views = 1``).
         shuffle_buffer: per-worker shuffle buffer of the streaming pipeline.
         val_batch_size: validation batch size (default ``batch_size``).
         verify: in :meth:`setup`, hash every shard of the train and validation splits and compare it with the
@@ -83,6 +92,7 @@ class PointCloudDataModule(pl.LightningDataModule):
         point_sampling: Literal["random", "first"] = "random",
         fps_pool: int | None = None,
         normalize: bool = True,
+        fields: BatchFields | dict[str, Any] | None = None,
         normals: bool = False,
         point_features: list[str] | None = None,
         images: bool = False,
@@ -107,13 +117,14 @@ class PointCloudDataModule(pl.LightningDataModule):
         self.augment = build_augment(augment)
         self.streaming, self.seed = streaming, seed
         self.point_sampling, self.fps_pool, self.normalize = point_sampling, fps_pool, normalize
-        self.normals, self.point_features, self.images = normals, tuple(point_features or ()), images
+        self.fields = _merge_fields(fields, normals=normals, point_features=point_features, images=images)
         self.shuffle_buffer = shuffle_buffer
         self.val_batch_size = val_batch_size or batch_size
         self.verify = verify
         self._verified = False
         self._val_set: InMemoryPointDataset | None = None
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["fields"])
+        self.save_hyperparameters({"fields": self.fields.to_dict()})  # plain data: checkpoints load safely
 
     # ------------------------------------------------------------------------------------------ metadata
     @cached_property
@@ -129,7 +140,7 @@ class PointCloudDataModule(pl.LightningDataModule):
     @property
     def manifest_sha256(self) -> str:
         """sha256 of ``manifest.json`` (identifies the exact data)."""
-        return hashlib.sha256((Path(self.data_root) / MANIFEST_NAME).read_bytes()).hexdigest()
+        return sha256_file(Path(self.data_root) / MANIFEST_NAME)
 
     @property
     def data_contract(self) -> dict[str, Any]:
@@ -174,10 +185,15 @@ class PointCloudDataModule(pl.LightningDataModule):
                 "fps_ordered=false); use point_sampling='random'"
             )
         pool = self.fps_pool if fps else None
-        steps: list[Transform] = [TakePoints(self.num_points, mode=self.point_sampling, pool=pool)]
+        take = TakePoints(self.num_points, mode=self.point_sampling, pool=pool, keep_fewer=self.fields.ragged)
+        steps: list[Transform] = [take]
         if self.normalize:
             steps.append(NormalizeUnitSphere())
         return Compose((*steps, *self.augment.transforms))
+
+    @property
+    def _collate(self) -> Callable[[list[Any]], PointBatch]:
+        return partial(collate, ragged=self.fields.ragged)
 
     def eval_transform(self) -> Transform:
         """Evaluation: the FPS subsample (taken at load time), optionally normalised, no augmentation."""
@@ -196,7 +212,7 @@ class PointCloudDataModule(pl.LightningDataModule):
             self._split_samples(self.val_split)
         points = self.manifest.get("points")
         stored = points.get("min") if isinstance(points, dict) else None
-        if isinstance(stored, int) and stored < self.num_points:
+        if isinstance(stored, int) and stored < self.num_points and not self.fields.ragged:
             raise UserError(
                 f"{self.data_root}: num_points {self.num_points} requested, but the smallest stored cloud "
                 f"has {stored} points; ask for at most {stored} (--data.num_points)"
@@ -244,9 +260,7 @@ class PointCloudDataModule(pl.LightningDataModule):
                 rank=rank,
                 world_size=world_size,
                 shuffle_buffer=self.shuffle_buffer,
-                normals=self.normals,
-                point_features=self.point_features,
-                images=self.images,
+                fields=self.fields,
                 epoch_source=self._trainer_epoch,
                 progress_source=self._trainer_progress,
             )
@@ -258,9 +272,7 @@ class PointCloudDataModule(pl.LightningDataModule):
             num_points=preload,
             transform=self.train_transform(),
             seed=self.seed,
-            normals=self.normals,
-            point_features=self.point_features,
-            images=self.images,
+            fields=self.fields,
             cap_to_stored=preload != self.num_points,  # an FPS pool is an upper bound
         )
         sampler: DistributedSampler[int] = DistributedSampler(
@@ -272,7 +284,7 @@ class PointCloudDataModule(pl.LightningDataModule):
             sampler=sampler,
             drop_last=True,
             num_workers=self.num_workers,
-            collate_fn=collate,
+            collate_fn=self._collate,
         )
         length = len(loader) if self.batches_per_epoch is None else min(len(loader), self.batches_per_epoch)
         if length < 1:
@@ -286,7 +298,7 @@ class PointCloudDataModule(pl.LightningDataModule):
             dataset.set_epoch(epoch)
 
         return EpochLoader(
-            _Capped(loader, length),
+            Capped(loader, length),
             length=length,
             on_epoch=on_epoch,
             epoch_source=self._trainer_epoch,
@@ -303,16 +315,14 @@ class PointCloudDataModule(pl.LightningDataModule):
                 num_points=self.num_points,
                 transform=self.eval_transform(),
                 seed=self.seed,
-                normals=self.normals,
-                point_features=self.point_features,
-                images=self.images,
+                fields=self.fields,
             )
         return DataLoader(
             self._val_set,
             batch_size=self.val_batch_size,
             shuffle=False,
             num_workers=self.num_workers,
-            collate_fn=collate,
+            collate_fn=self._collate,
         )
 
     def val_dataloader(self) -> DataLoader[Any] | list[Any]:
@@ -338,14 +348,23 @@ class PointCloudDataModule(pl.LightningDataModule):
             rank_zero_warn(f"resuming with data seed {self.seed}, the checkpoint used {state_dict['seed']}")
 
 
-class _Capped:
-    """Iterates at most ``length`` items of a loader."""
-
-    def __init__(self, loader: DataLoader[Any], length: int) -> None:
-        self.loader, self.length = loader, length
-
-    def __iter__(self) -> Any:
-        for i, batch in enumerate(self.loader):
-            if i >= self.length:
-                break
-            yield batch
+def _merge_fields(
+    fields: BatchFields | dict[str, Any] | None,
+    *,
+    normals: bool,
+    point_features: list[str] | None,
+    images: bool,
+) -> BatchFields:
+    """``fields`` with the shorthand keys of older configs merged in (which must agree with it)."""
+    merged = BatchFields.coerce(fields)
+    features = tuple(point_features or ())
+    if features and merged.point_features not in ((), features):
+        raise ValueError(
+            f"point_features {list(features)} contradicts fields.point_features {list(merged.point_features)}"
+        )
+    return replace(
+        merged,
+        normals=merged.normals or normals,
+        point_features=features or merged.point_features,
+        image_views=max(merged.image_views, int(images)),
+    )

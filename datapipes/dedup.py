@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from datapipes.cli_common import add_command
 from datapipes.errors import UserError
 from datapipes.progress import Progress
 
@@ -226,20 +227,9 @@ def format_dedup(report: dict[str, Any], limit: int = 50) -> str:
 
 
 def add_dedup_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Registers ``dedup`` on a ``pcpt-data`` subparser collection.
-
-    Args:
-        subparsers: the object returned by ``ArgumentParser.add_subparsers()``.
-
-    Returns:
-        The ``dedup`` parser (its handler is set with ``set_defaults(func=...)``).
-    """
-    p = subparsers.add_parser(
-        "dedup",
-        help="report near-duplicate shapes (e.g. train/test leakage) with faiss",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    """Registers ``pcpt-data dedup`` (see :func:`~datapipes.cli_common.add_command`)."""
+    summary = "report near-duplicate shapes (e.g. train/test leakage) with faiss"
+    p = add_command(subparsers, "dedup", run_dedup, help=summary, description=__doc__ or "")
     p.add_argument("out", metavar="OUT", help="shard folder")
     p.add_argument("--against", metavar="OTHER", help="compare with another shard folder instead of itself")
     p.add_argument(
@@ -252,7 +242,6 @@ def add_dedup_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50, metavar="K", help="pairs listed in the text report")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_dedup)
     return p
 
 

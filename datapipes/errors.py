@@ -17,7 +17,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
-__all__ = ["UserError", "one_line", "run_cli"]
+__all__ = ["FieldError", "UserError", "one_line", "run_cli"]
 
 #: torch's DataLoader folds a worker's exception into "Caught X in DataLoader worker process N.\n
 #: Original Traceback (most recent call last):\n ... \nmodule.X: message"; the last line holds the message.
@@ -27,6 +27,13 @@ _QUALIFIED_PREFIX = re.compile(r"^(?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exce
 
 class UserError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
+
+
+class FieldError(UserError, ValueError):
+    """A batch field the data cannot provide (e.g. a feature channel the manifest does not name).
+
+    Also a ``ValueError``: it is an invalid argument to the loader that asked for it.
+    """
 
 
 def one_line(message: str) -> str:

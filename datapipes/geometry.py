@@ -6,13 +6,18 @@ farthest (squared Euclidean distance, float32) from everything picked so far, ti
 Storing clouds in this order makes the first ``n`` points an FPS subsample of size ``n``. Unlike the CUDA
 kernel there is no near-origin skip, and chosen points are never chosen again (clouds with duplicate points
 still yield a permutation).
+
+This is the data layer's one home for numpy point geometry: converters, the in-memory datasets, the demo
+data and the transforms all use these functions (the model packages have their own torch versions).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-__all__ = ["fps_order", "fps_order_batch", "normalize_unit_sphere"]
+__all__ = ["FPS_BATCH_POINTS", "fps_order", "fps_order_batch", "fps_orders", "normalize_unit_sphere"]
 
 
 def normalize_unit_sphere(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -133,3 +138,37 @@ def fps_order(xyz: np.ndarray, n: int | None = None, start: int = 0) -> np.ndarr
     if pts.ndim != 2 or pts.shape[1] != 3:
         raise ValueError(f"xyz must have shape (N, 3), got {pts.shape}")
     return fps_order_batch(pts[None], n=n, start=start)[0]
+
+
+FPS_BATCH_POINTS = 32768
+"""Points per batched FPS loop in :func:`fps_orders`: larger batches stop fitting in cache and get slower."""
+
+
+def fps_orders(clouds: Sequence[np.ndarray], n: int | None = None) -> list[np.ndarray]:
+    """Farthest-point orders of clouds of any sizes, batching clouds of equal size into vectorised loops.
+
+    Always goes through :func:`fps_order_batch`, whose per-cloud result does not depend on the batch it is
+    in, so any grouping of the clouds (engine, worker, chunk) gives the same orders. Batches hold up to
+    :data:`FPS_BATCH_POINTS` points (at least one cloud).
+
+    Args:
+        clouds: ``(N_i, 3)`` point sets.
+        n: indices per cloud, capped at each cloud's size (``None``: a full permutation).
+
+    Returns:
+        One int64 index array per cloud, ``(min(n, N_i),)``, in input order.
+    """
+    out: list[np.ndarray | None] = [None] * len(clouds)
+    groups: dict[int, list[int]] = {}
+    for i, xyz in enumerate(clouds):
+        groups.setdefault(len(xyz), []).append(i)
+    for size, members in groups.items():
+        step = max(1, FPS_BATCH_POINTS // max(size, 1))
+        count = None if n is None else min(n, size)
+        for start in range(0, len(members), step):
+            part = members[start : start + step]
+            batch = np.stack([np.asarray(clouds[i], dtype=np.float32) for i in part])
+            orders = np.asarray(fps_order_batch(batch, count), dtype=np.int64)
+            for row, i in enumerate(part):
+                out[i] = orders[row]
+    return [o for o in out if o is not None]

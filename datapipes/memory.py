@@ -3,12 +3,15 @@
 The whole split is decoded once into arrays. Being map-style, Lightning's ``DistributedSampler`` splits
 it evenly across ranks (streaming shards cannot promise that). ``num_points`` takes the first points of each
 cloud: an FPS subsample when the manifest says the clouds are stored in FPS order, otherwise FPS is computed
-here (start index 0), so evaluation sees the same deterministic subsample everywhere.
+here (start index 0), so evaluation sees the same deterministic subsample everywhere. Items are finished like
+the streaming pipeline's samples (:func:`datapipes.decode.finish_sample`), so batches are the same
+:class:`~datapipes.types.PointBatch` with the same :class:`~datapipes.types.BatchFields`.
 
 Loading checks the data against its manifest (each shard's sample count, complete tars, finite point
 arrays, labels within the class list) and stops with a :class:`~datapipes.shards.ShardFormatError` naming
 the shard; it never returns a silently shorter split. Asking for more points than the smallest stored cloud
-is an error, unless the caller treats ``num_points`` as an upper bound (``cap_to_stored=True``).
+is an error, unless the caller treats ``num_points`` as an upper bound (``cap_to_stored=True``, or ragged
+batches, where each cloud keeps ``min(num_points, its size)`` points).
 """
 
 from __future__ import annotations
@@ -20,33 +23,27 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from datapipes.decode import FeatureLayout, finish_sample
 from datapipes.errors import UserError
-from datapipes.geometry import fps_order, fps_order_batch
-from datapipes.pipeline import POINT_FEATURES, decode_image
+from datapipes.geometry import fps_orders
 from datapipes.shards import iter_split_samples, read_manifest
-from datapipes.transforms import Arrays, Transform
+from datapipes.transforms import Arrays, Compose, Transform
+from datapipes.types import POINT_FIELDS, BatchFields
 
 __all__ = ["InMemoryPointDataset", "load_split_arrays"]
 
-_PER_POINT = ("xyz", "normal", "feat", "curv")
 
-
-def _fps_prefix(clouds: list[dict[str, Any]], n: int) -> None:
-    """Reorders each cloud's per-point fields so its first ``n`` points are an FPS subsample, in place."""
-    by_size: dict[int, list[int]] = {}
-    for i, cloud in enumerate(clouds):
-        by_size.setdefault(int(cloud["xyz"].shape[0]), []).append(i)
-    for size, members in by_size.items():
-        for start in range(0, len(members), 256):
-            chunk = members[start : start + 256]
-            if len(chunk) == 1:
-                orders = fps_order(clouds[chunk[0]]["xyz"], n=min(n, size))[None]
-            else:
-                orders = fps_order_batch(np.stack([clouds[i]["xyz"] for i in chunk]), n=min(n, size))
-            for i, order in zip(chunk, orders):
-                for name in _PER_POINT:
-                    if name in clouds[i]:
-                        clouds[i][name] = clouds[i][name][order]
+def _take_prefix(clouds: list[dict[str, Any]], n: int, *, fps_ordered: bool) -> None:
+    """Keeps the first ``min(n, size)`` points of every cloud: an FPS subsample (computed if not stored)."""
+    if not fps_ordered:
+        for cloud, order in zip(clouds, fps_orders([c["xyz"] for c in clouds], n)):
+            for name in POINT_FIELDS:
+                if name in cloud:
+                    cloud[name] = cloud[name][order]
+    for cloud in clouds:
+        for name in POINT_FIELDS:
+            if name in cloud:
+                cloud[name] = np.ascontiguousarray(cloud[name][:n])
 
 
 def _load(
@@ -56,6 +53,7 @@ def _load(
     fields: Sequence[str],
     *,
     cap_to_stored: bool = False,
+    ragged: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     if num_points is not None and num_points < 1:
         raise ValueError(f"num_points must be >= 1, got {num_points}")
@@ -65,18 +63,13 @@ def _load(
         raise UserError(f"{root}: split {split!r} has no samples")
     if num_points is not None:
         smallest = min(int(c["xyz"].shape[0]) for c in clouds)
-        if smallest < num_points and not cap_to_stored:
+        if smallest < num_points and not (cap_to_stored or ragged):
             raise UserError(
                 f"{root}: split {split!r} stores clouds of {smallest} points (the smallest), fewer than the "
                 f"{num_points} requested; ask for at most {smallest} points"
             )
-        n = min(num_points, smallest)
-        if not manifest.get("fps_ordered", False):
-            _fps_prefix(clouds, n)
-        for cloud in clouds:
-            for name in _PER_POINT:
-                if name in cloud:
-                    cloud[name] = np.ascontiguousarray(cloud[name][:n])
+        n = num_points if ragged else min(num_points, smallest)
+        _take_prefix(clouds, n, fps_ordered=bool(manifest.get("fps_ordered", False)))
     return clouds, manifest
 
 
@@ -116,20 +109,25 @@ def load_split_arrays(
 
 
 class InMemoryPointDataset(Dataset[Arrays]):
-    """One split decoded into memory; items are transformed sample dicts (see :mod:`datapipes.transforms`).
+    """One split decoded into memory; items are finished samples for :func:`~datapipes.collate.collate`.
 
     Args:
         root: shard folder.
         split: split name.
         num_points: points per cloud taken in FPS order (see :func:`load_split_arrays`); ``None`` keeps all.
-        cap_to_stored: treat ``num_points`` as an upper bound (e.g. an FPS pool) instead of refusing clouds
-            with fewer points.
-        transform: optional per-item transform; its generator is seeded by ``(seed, epoch, index)``, so every
-            epoch differs and any worker layout gives the same result.
+            With ``fields.ragged`` an upper bound: each cloud keeps ``min(num_points, its size)``.
+        transform: optional per-item transform (run once per point view); its generator is seeded by
+            ``(seed, epoch, index)``, so every epoch differs and any worker layout gives the same result.
         seed: base seed for the transform.
-        normals: keep normals.
-        point_features: ``"feat"`` / ``"curv"`` fields to keep (batched into ``feats``).
-        images: keep one image per item (a random view when a transform is set, else the first).
+        fields: what batches hold besides points, labels and keys; image views are drawn at random when a
+            transform is set, else the first ones are taken.
+        cap_to_stored: treat ``num_points`` as an upper bound (e.g. an FPS pool) taken from every cloud
+            alike (``min(num_points, smallest cloud)``) instead of refusing clouds with fewer points.
+
+    Raises:
+        UserError: for a missing manifest or split, an empty split, too small clouds, or a sample without a
+            requested field.
+        FieldError: for a feature name the manifest does not know.
     """
 
     def __init__(
@@ -140,27 +138,22 @@ class InMemoryPointDataset(Dataset[Arrays]):
         num_points: int | None = None,
         transform: Transform | None = None,
         seed: int = 0,
-        normals: bool = False,
-        point_features: Sequence[str] = (),
-        images: bool = False,
+        fields: BatchFields | None = None,
         cap_to_stored: bool = False,
     ) -> None:
-        bad = [f for f in point_features if f not in POINT_FEATURES]
-        if bad:
-            raise ValueError(f"point_features must be among {POINT_FEATURES}, got {bad}")
-        fields = [
-            "xyz",
-            "label",
-            *(["normal"] if normals else []),
-            *point_features,
-            *(["images"] if images else []),
-        ]
-        self.clouds, self.manifest = _load(root, split, num_points, fields, cap_to_stored=cap_to_stored)
+        self.fields = BatchFields.coerce(fields)
+        stored = self.fields.stored_fields()
+        self.clouds, self.manifest = _load(
+            root, split, num_points, stored, cap_to_stored=cap_to_stored, ragged=self.fields.ragged
+        )
+        self.layout = FeatureLayout.resolve(
+            self.fields.point_features, self.manifest.get("fields") or {}, where=str(root)
+        )
         self.root, self.split = Path(root), split
-        self.transform, self.seed, self.images = transform, int(seed), images
+        self.transform, self.seed = transform, int(seed)
         self.epoch = 0
         for cloud in self.clouds:
-            missing = [f for f in fields if f not in ("label",) and f not in cloud]
+            missing = [f for f in stored if f != "label" and f not in cloud]
             if missing:
                 raise UserError(f"{root}: split {split!r} sample {cloud['key']} has no {missing[0]}")
 
@@ -182,12 +175,12 @@ class InMemoryPointDataset(Dataset[Arrays]):
         return len(self.clouds)
 
     def __getitem__(self, index: int) -> Arrays:
-        item = dict(self.clouds[index])
-        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
-        if self.images:
-            views = item.pop("images")
-            pick = int(rng.integers(len(views))) if self.transform is not None and len(views) > 1 else 0
-            item["image"] = decode_image(views[pick], where=f"{self.split} sample {item['key']}")
-        if self.transform is not None:
-            item = self.transform(item, rng)
-        return item
+        return finish_sample(
+            dict(self.clouds[index]),
+            fields=self.fields,
+            layout=self.layout,
+            transform=self.transform or Compose(),
+            rng=np.random.default_rng([self.seed, self.epoch, int(index)]),
+            random_views=self.transform is not None,
+            where=f"{self.root}: split {self.split!r}",
+        )

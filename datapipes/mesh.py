@@ -179,20 +179,6 @@ def read_mesh(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return vertices, faces
 
 
-def triangle_areas(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """Area of each triangle.
-
-    Args:
-        vertices: ``(V, 3)`` coordinates.
-        faces: ``(F, 3)`` vertex indices.
-
-    Returns:
-        ``(F,)`` float64 areas.
-    """
-    tri = np.asarray(vertices, dtype=np.float64)[faces]
-    return 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
-
-
 def sample_surface(
     vertices: np.ndarray, faces: np.ndarray, n: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ import time
 from types import TracebackType
 from typing import Any, TextIO
 
-__all__ = ["Progress", "progress"]
+__all__ = ["Progress"]
 
 
 def _clock(seconds: float) -> str:
@@ -100,8 +100,3 @@ class Progress:
         print(
             f"pcpt: {self.desc}: {count} {self.unit}s{share}, {elapsed} {state}", file=self.stream, flush=True
         )
-
-
-def progress(total: int | None, desc: str, unit: str = "it", *, disable: bool = False) -> Progress:
-    """A :class:`Progress` on stderr (the form the commands use)."""
-    return Progress(total, desc, unit, disable=disable)

@@ -6,8 +6,8 @@ are deliberately close (sphere / ellipsoid, cube / cuboid, cylinder / capsule, c
 sample is deformed (class-specific proportions, anisotropic scale, taper and a parabolic bend), randomly
 rotated (uniform over SO(3)), normalised into the unit sphere, jittered with Gaussian noise and stored in
 farthest-point order. Normals follow every deformation exactly (inverse-transpose Jacobian). With
-``images``, each sample gets one small PNG depth view (orthographic, along -z) written by the
-dependency-free encoder.
+``images``, each sample gets one small PNG depth view (orthographic, along -z), encoded with Pillow
+(deterministic bytes).
 
 Each sample's randomness comes from ``np.random.default_rng([seed, split, class, index])``: a sample does
 not depend on the shard size or the order of generation, and the same arguments give byte-identical shards.

@@ -102,15 +102,19 @@ class TakePoints:
         top_up: let a cloud with fewer than ``n`` points keep all of them, topped up with points drawn with
             replacement. Off by default: such a cloud is an error (duplicated points would change what a
             model sees without saying so).
+        keep_fewer: let a cloud with fewer than ``n`` points keep all of them, and nothing more: ``n`` is an
+            upper bound (for ragged batches, which pad clouds instead).
 
     Raises:
-        UserError: when called on a cloud with fewer than ``n`` points and ``top_up`` is off.
+        UserError: when called on a cloud with fewer than ``n`` points and neither ``top_up`` nor
+            ``keep_fewer`` is set.
     """
 
     n: int
     mode: Literal["first", "random"] = "first"
     pool: int | None = None
     top_up: bool = False
+    keep_fewer: bool = False
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -119,9 +123,13 @@ class TakePoints:
             raise ValueError(f"mode must be 'first' or 'random', got {self.mode!r}")
         if self.pool is not None and self.pool < self.n:
             raise ValueError(f"pool must be >= n ({self.n}), got {self.pool}")
+        if self.top_up and self.keep_fewer:
+            raise ValueError("top_up and keep_fewer are exclusive")
 
     def __call__(self, sample: Arrays, rng: np.random.Generator) -> Arrays:
         count = int(sample["xyz"].shape[0])
+        if count <= self.n and self.keep_fewer:
+            return dict(sample)
         if count < self.n:
             if not self.top_up:
                 raise UserError(

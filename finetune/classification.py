@@ -15,16 +15,19 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from datapipes.errors import UserError
-from finetune.augment import random_point_subset, scale_and_translate
-from finetune.features import check_data_contract
+from finetune.contract import check_data_contract
 from pretrain.checkpoint import load_encoder, read_artifact_meta
 from pretrain.encoders import build_encoder
 from pretrain.encoders.base import PointEncoder
-from pretrain.encoders.spec import EncoderSpec
-from pretrain.training import configure_adamw_cosine, seed_step_randomness, seeded_generator
+from pretrain.encoders.spec import PointViTSpec
+from pretrain.ops.transforms import random_point_subset, scale_and_translate
+from pretrain.optim import AdamW, configure_optimization
+from pretrain.schedules import WarmupCosineLR
+from pretrain.training import seed_step_randomness, seeded_generator
 
 __all__ = ["PointClassifier", "classification_head"]
 
@@ -66,10 +69,9 @@ class PointClassifier(pl.LightningModule):
         head: ``"mae"`` or ``"bert"`` head.
         drop_path: stochastic depth of the encoder during finetuning.
         label_smoothing: cross-entropy label smoothing ε.
-        lr: peak learning rate (AdamW).
-        weight_decay: decoupled weight decay (official no-decay rule).
-        warmup_epochs: linear warmup epochs.
-        min_lr: final cosine learning rate.
+        optimizer: parameter groups -> optimiser (default AdamW; the Point-MAE recipe, lr 5e-4 and weight
+            decay 0.05, is in ``configs/finetune/classify.yaml``); no decay on 1-D parameters, biases, tokens.
+        lr_scheduler: optimiser -> per-step schedule (default: warmup then cosine, sized from the data).
         num_points: points fed to the encoder.
         pool_points: training draws ``num_points`` of the first ``pool_points`` stored points (1200 for 1024).
         augment: apply scale-and-translate during training.
@@ -83,16 +85,14 @@ class PointClassifier(pl.LightningModule):
         self,
         num_classes: int,
         pretrained: str | None = None,
-        encoder: EncoderSpec | None = None,
+        encoder: PointViTSpec | None = None,
         *,
         freeze_encoder: bool = False,
         head: Literal["mae", "bert"] = "mae",
         drop_path: float = 0.1,
         label_smoothing: float = 0.0,
-        lr: float = 5e-4,
-        weight_decay: float = 0.05,
-        warmup_epochs: float = 10.0,
-        min_lr: float = 1e-6,
+        optimizer: OptimizerCallable = AdamW,
+        lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
         num_points: int = 1024,
         pool_points: int = 1200,
         augment: bool = True,
@@ -105,10 +105,10 @@ class PointClassifier(pl.LightningModule):
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if pool_points < num_points:
             raise ValueError(f"pool_points ({pool_points}) must be >= num_points ({num_points})")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.freeze_encoder = freeze_encoder
         self.label_smoothing = label_smoothing
-        self.lr, self.weight_decay, self.warmup_epochs, self.min_lr = lr, weight_decay, warmup_epochs, min_lr
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.num_points, self.pool_points, self.augment = num_points, pool_points, augment
         self.vote_views, self.seed, self.strict_contract = vote_views, seed, strict_contract
         self.encoder, self.artifact_meta = self._build_encoder(pretrained, encoder, drop_path, freeze_encoder)
@@ -119,13 +119,13 @@ class PointClassifier(pl.LightningModule):
 
     @staticmethod
     def _build_encoder(
-        pretrained: str | None, spec: EncoderSpec | None, drop_path: float, frozen: bool
+        pretrained: str | None, spec: PointViTSpec | None, drop_path: float, frozen: bool
     ) -> tuple[PointEncoder, dict[str, Any]]:
         if pretrained is None:
-            base = spec if spec is not None else EncoderSpec()
-            base = EncoderSpec.from_dict({**base.to_dict(), "drop_path": 0.0 if frozen else drop_path})
+            base = spec if spec is not None else PointViTSpec()
+            base = PointViTSpec.from_dict({**base.to_dict(), "drop_path": 0.0 if frozen else drop_path})
             if not frozen:
-                base = EncoderSpec.from_dict({**base.to_dict(), "cls_token": True})
+                base = PointViTSpec.from_dict({**base.to_dict(), "cls_token": True})
             return build_encoder(base), {"provenance": {"method": "random-init"}}
         meta = read_artifact_meta(pretrained)
         has_cls = bool(meta["spec"].get("cls_token", False))
@@ -155,11 +155,10 @@ class PointClassifier(pl.LightningModule):
             UserError: another normalisation than the contract's; another point count than the contract's
                 unless ``strict_contract`` is off; fewer points than the encoder's patch grouping needs.
         """
-        spec = self.encoder.spec
-        if num_points < max(spec.num_groups, spec.group_size):
+        if num_points < self.encoder.min_points:
             raise UserError(
-                f"{data_root}: {num_points} points per cloud are fewer than the encoder's "
-                f"{spec.num_groups} groups / {spec.group_size} points per group"
+                f"{data_root}: {num_points} points per cloud are fewer than the "
+                f"{self.encoder.min_points} the encoder's tokenizer needs"
             )
         if self.hparams.get("pretrained") is None:
             return []
@@ -237,10 +236,5 @@ class PointClassifier(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> Any:
-        return configure_adamw_cosine(
-            self,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            warmup_epochs=self.warmup_epochs,
-            min_lr=self.min_lr,
-        )
+        """The injected optimiser over the decay / no-decay groups and its per-step schedule."""
+        return configure_optimization(self, self.optimizer, self.lr_scheduler)

@@ -3,31 +3,28 @@
 For each cloud the encoder runs in eval mode without masking and returns the patch tokens after the final
 norm, the patch centres and the pooled global feature (``PointEncoder.pool``: concat[CLS, max] when the
 encoder has a CLS token, else concat[max, mean]; width 2D). A Point-BERT dVAE tokenizer artifact gives the
-discrete token id of every patch instead (:func:`tokenize_clouds`).
+discrete token id of every patch instead.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from datapipes.errors import UserError
-from datapipes.progress import Progress
+from pretrain.dvae import DiscreteVAE
 from pretrain.encoders import PointEncoder
-from pretrain.tokenizers import DiscreteVAE
+from pretrain.features import map_clouds
 
 __all__ = [
     "FEATURE_NAMES",
     "check_features_destination",
     "embed_clouds",
     "load_clouds",
-    "normalize_unit_sphere",
-    "tokenize_clouds",
     "write_features",
 ]
 
@@ -93,16 +90,8 @@ def _check_npy_header(src: Path) -> None:
         )
 
 
-def normalize_unit_sphere(xyz: torch.Tensor) -> torch.Tensor:
-    """Centres each cloud on its centroid and scales its farthest point to radius 1 (shape (B, N, 3) kept)."""
-    centred = xyz - xyz.mean(dim=1, keepdim=True)
-    radius = centred.norm(dim=-1).amax(dim=1).clamp_min(1e-12)
-    return centred / radius[:, None, None]
-
-
-@torch.no_grad()
 def embed_clouds(
-    encoder: PointEncoder,
+    model: PointEncoder | DiscreteVAE,
     clouds: np.ndarray,
     *,
     batch_size: int = 32,
@@ -111,158 +100,52 @@ def embed_clouds(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Encodes clouds in batches, in eval mode and without gradients.
+    """Per-cloud features of an encoder, or token ids of a dVAE tokenizer, in batches (frozen, eval mode).
+
+    An encoder runs without masking; a tokenizer gives the argmax of its logits (no Gumbel noise). The
+    batches go through ``pretrain.features.map_clouds``.
 
     Args:
-        encoder: the encoder (moved to ``device`` and switched to eval mode).
+        model: the encoder or tokenizer (moved to ``device``; its mode is restored).
         clouds: float array (B, N, 3).
         batch_size: clouds per forward pass.
         device: where to run.
         normalize: unit-sphere normalise each cloud first.
         seed: seeds FPS when the spec's ``fps_start`` is ``"random"``.
-        progress: show a progress bar when there is more than one batch.
+        progress: show progress when there is more than one batch.
 
     Returns:
-        ``tokens`` float32 (B, G, D), ``centers`` float32 (B, G, 3), ``pooled`` float32 (B, 2D).
+        Encoder: ``tokens`` float32 (B, G, D), ``centers`` float32 (B, G, 3), ``pooled`` float32 (B, 2D).
+        Tokenizer: ``token_ids`` int64 (B, G) in ``[0, codebook_size)`` and ``centers`` float32 (B, G, 3).
 
     Raises:
-        UserError: non-finite coordinates (the message names the first bad cloud).
+        UserError: non-finite coordinates or outputs (the message names the first bad cloud).
     """
+    if isinstance(model, DiscreteVAE):
+        tokenizer = model
 
-    def step(xyz: torch.Tensor, generator: torch.Generator) -> dict[str, np.ndarray]:
-        out = encoder.encode(xyz, generator=generator)
-        return {
-            "tokens": out.tokens.float().cpu().numpy(),
-            "centers": out.centers.float().cpu().numpy(),
-            "pooled": encoder.pool(out).float().cpu().numpy(),
-        }
+        def step(xyz: torch.Tensor, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+            groups, ids = tokenizer.discrete_tokens(xyz, generator=generator)
+            return {"token_ids": ids, "centers": groups.centers}
 
-    return _map_batches(
-        encoder,
+    else:
+        encoder = model
+
+        def step(xyz: torch.Tensor, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+            out = encoder.encode(xyz, generator=generator)
+            return {"tokens": out.tokens, "centers": out.centers, "pooled": encoder.pool(out)}
+
+    return map_clouds(
+        model,
         step,
-        ("tokens", "centers", "pooled"),
         clouds,
         batch_size=batch_size,
         device=device,
         normalize=normalize,
-        seed=seed,
-        desc="embed",
+        generator=torch.Generator().manual_seed(seed),
+        desc="tokenize" if isinstance(model, DiscreteVAE) else "embed",
         progress=progress,
     )
-
-
-@torch.no_grad()
-def tokenize_clouds(
-    tokenizer: DiscreteVAE,
-    clouds: np.ndarray,
-    *,
-    batch_size: int = 32,
-    device: str | torch.device = "cpu",
-    normalize: bool = False,
-    seed: int = 0,
-    progress: bool = True,
-) -> dict[str, np.ndarray]:
-    """Discrete token ids of every patch with a dVAE tokenizer (eval mode, argmax of its logits, no noise).
-
-    Args:
-        tokenizer: the tokenizer (moved to ``device`` and switched to eval mode).
-        clouds: float array (B, N, 3).
-        batch_size: clouds per forward pass.
-        device: where to run.
-        normalize: unit-sphere normalise each cloud first.
-        seed: seeds FPS when the spec's ``fps_start`` is ``"random"``.
-        progress: show a progress bar when there is more than one batch.
-
-    Returns:
-        ``token_ids`` int64 (B, G) in ``[0, codebook_size)`` and ``centers`` float32 (B, G, 3).
-
-    Raises:
-        UserError: non-finite coordinates (the message names the first bad cloud).
-    """
-
-    def step(xyz: torch.Tensor, generator: torch.Generator) -> dict[str, np.ndarray]:
-        groups, ids = tokenizer.tokenize(xyz, generator=generator)
-        return {
-            "token_ids": ids.cpu().numpy().astype(np.int64),
-            "centers": groups.centers.float().cpu().numpy(),
-        }
-
-    return _map_batches(
-        tokenizer,
-        step,
-        ("token_ids", "centers"),
-        clouds,
-        batch_size=batch_size,
-        device=device,
-        normalize=normalize,
-        seed=seed,
-        desc="tokenize",
-        progress=progress,
-    )
-
-
-def _map_batches(
-    model: torch.nn.Module,
-    step: Callable[[torch.Tensor, torch.Generator], dict[str, np.ndarray]],
-    names: tuple[str, ...],
-    clouds: np.ndarray,
-    *,
-    batch_size: int,
-    device: str | torch.device,
-    normalize: bool,
-    seed: int,
-    desc: str,
-    progress: bool,
-) -> dict[str, np.ndarray]:
-    """Runs ``step`` over batches of clouds and concatenates its outputs along the batch axis.
-
-    Args:
-        model: moved to ``device`` and switched to eval mode (in place) before the first batch.
-        step: (xyz (b, N, 3) on ``device``, generator) -> arrays named ``names``, each with b rows.
-        names: the arrays ``step`` returns.
-        clouds: float array (B, N, 3); each batch is copied to float32 and checked for non-finite values.
-        batch_size: clouds per batch.
-        device: where to run.
-        normalize: unit-sphere normalise each cloud first.
-        seed: seed of the one generator passed to every ``step`` (random FPS starts).
-        desc: progress bar label.
-        progress: show a progress bar when there is more than one batch.
-
-    Returns:
-        ``names`` -> array with B rows.
-
-    Raises:
-        ValueError: ``batch_size < 1``.
-        UserError: non-finite coordinates or non-finite outputs (the message names the first bad cloud).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    model.to(device).eval()
-    generator = torch.Generator().manual_seed(seed)
-    outputs: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    total = int(clouds.shape[0])
-    with Progress(total, desc, "cloud", disable=not progress or total <= batch_size) as bar:
-        for start in range(0, total, batch_size):
-            chunk = np.array(clouds[start : start + batch_size], dtype=np.float32)  # a writable copy
-            if not np.isfinite(chunk).all():
-                bad = start + int(np.flatnonzero(~np.isfinite(chunk).all(axis=(1, 2)))[0])
-                raise UserError(f"cloud {bad} has non-finite coordinates")
-            xyz = torch.from_numpy(chunk).to(device)
-            if normalize:
-                xyz = normalize_unit_sphere(xyz)
-            arrays = step(xyz, generator)
-            for name in names:
-                values = arrays[name]
-                if values.dtype.kind == "f" and not np.isfinite(values).all():
-                    rows = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
-                    bad = start + int(np.flatnonzero(~rows)[0])
-                    raise UserError(
-                        f"cloud {bad}: the model produced non-finite {name} (coordinates too large for "
-                        "float32 arithmetic? normalise the clouds, e.g. --normalize unit_sphere)"
-                    )
-                outputs[name].append(values)
-            bar.update(len(chunk))
-    return {name: np.concatenate(parts, axis=0) for name, parts in outputs.items()}
 
 
 #: the arrays a features file written by :func:`write_features` can hold.

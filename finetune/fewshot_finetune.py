@@ -9,6 +9,7 @@ numbers it reports; pcpt evaluates the queries once, after the last epoch, so no
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,10 @@ import numpy as np
 
 from finetune.classification import PointClassifier
 from finetune.data import ArraysDataModule
-from finetune.fewshot import EpisodeSet, FewShotResult, episode_labels
+from finetune.episodes import EpisodeSet, episode_labels
+from finetune.fewshot import FewShotResult
+from pretrain.optim import AdamW
+from pretrain.schedules import WarmupCosineLR
 from pretrain.training import derive_seed
 
 __all__ = ["run_fewshot_finetune"]
@@ -69,8 +73,8 @@ def run_fewshot_finetune(
             num_classes=episodes.way,
             pretrained=str(artifact),
             head="bert" if head == "bert" else "mae",
-            lr=lr,
-            warmup_epochs=warmup_epochs,
+            optimizer=partial(AdamW, lr=lr, weight_decay=0.05),
+            lr_scheduler=partial(WarmupCosineLR, warmup_epochs=warmup_epochs),
             num_points=num_points,
             pool_points=num_points,
             vote_views=0,

@@ -6,8 +6,8 @@
   test split is evaluated exactly once. The test split never influences any choice.
 * :func:`knn_probe`: cosine (or Euclidean) k-nearest-neighbour classification of test features against train
   features, with faiss (exact ``IndexFlatIP`` / ``IndexFlatL2``) or pure torch; both give the same result.
-  The classifier (:func:`knn_predict`) is shared with the online monitor ``pretrain.callbacks.KNNMonitor``
-  (pretrain cannot import finetune), so offline and online kNN numbers agree.
+  The classifier (``pretrain.knn.KNNClassifier``) is shared with the online monitor
+  ``pretrain.callbacks.KNNMonitor``, so offline and online kNN numbers agree.
 
 Both return a :class:`ProbeResult` that records the protocol, the selection split and the single-pass test
 accuracy (a fraction in [0, 1]).
@@ -19,14 +19,19 @@ import dataclasses
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from datapipes.progress import Progress
-from pretrain.callbacks import knn_predict
+from pretrain.knn import KNNClassifier
 
-__all__ = ["ProbeResult", "knn_predict", "knn_probe", "stratified_split", "svm_probe"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
+
+    from pretrain.knn import KNNOptions
+
+__all__ = ["ProbeResult", "knn_probe", "stratified_split", "svm_probe"]
 
 DEFAULT_C_GRID: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0, 10.0)
 
@@ -212,26 +217,20 @@ def knn_probe(
     train_y: np.ndarray,
     test_x: np.ndarray,
     test_y: np.ndarray,
-    *,
-    k: int = 20,
-    metric: Literal["cosine", "euclidean"] = "cosine",
-    vote: Literal["majority", "weighted"] = "majority",
-    backend: Literal["faiss", "torch"] = "faiss",
+    **options: Unpack[KNNOptions],
 ) -> ProbeResult:
     """k-nearest-neighbour probe: classify test features by their nearest train features.
 
     No hyper-parameter is tuned (``k``, metric and vote are fixed in advance), so there is no validation
-    split. See :func:`knn_predict` for the vote and the backends.
+    split. The classifier is ``pretrain.knn.KNNClassifier(**options)`` (``k`` 20, cosine, majority vote,
+    faiss by default); see it for the vote and the backends.
 
     Args:
         train_x: (S_train, D) train features.
         train_y: (S_train,) integer labels.
         test_x: (S_test, D) test features.
         test_y: (S_test,) integer labels.
-        k: neighbours.
-        metric: ``"cosine"`` or ``"euclidean"``.
-        vote: ``"majority"`` or ``"weighted"``.
-        backend: ``"faiss"`` or ``"torch"``.
+        **options: ``k``, ``metric``, ``vote`` and ``backend`` of the classifier.
 
     Returns:
         The probe result; ``params`` holds the effective ``k``, metric, vote and backend.
@@ -239,16 +238,16 @@ def knn_probe(
     Raises:
         ValueError: malformed arrays or options.
     """
+    classifier = KNNClassifier(**options)
     train_x, train_y = _check_xy("train", train_x, train_y)
     test_x, test_y = _check_xy("test", test_x, test_y)
     if train_x.shape[1] != test_x.shape[1]:
         raise ValueError(f"train and test features differ in width: {train_x.shape[1]} vs {test_x.shape[1]}")
-    pred = knn_predict(train_x, train_y, test_x, k=k, metric=metric, vote=vote, backend=backend)
     return ProbeResult(
         protocol="knn",
-        accuracy=_accuracy(pred, test_y),
+        accuracy=_accuracy(classifier.predict(train_x, train_y, test_x), test_y),
         selection="none: k, metric and vote fixed in advance (no hyper-parameter search)",
-        params={"k": min(k, int(train_x.shape[0])), "metric": metric, "vote": vote, "backend": backend},
+        params=classifier.params(int(train_x.shape[0])),
         n_train=int(train_x.shape[0]),
         n_val=0,
         n_test=int(test_x.shape[0]),

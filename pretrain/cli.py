@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from datapipes.cli_common import CliParser, Handler, Passthrough, dispatch, positive_int, print_json
-from datapipes.errors import UserError, run_cli
+from datapipes.cli_common import CliParser, Handler, Passthrough, positive_int, print_json, run_subcommands
+from datapipes.errors import UserError
 
-__all__ = ["COMMANDS", "PASSTHROUGH", "PROG", "CliParser", "build_parser", "dispatch", "main", "positive_int"]
+__all__ = ["COMMANDS", "PASSTHROUGH", "PROG", "CliParser", "build_parser", "main", "positive_int"]
 
 PROG = "pcpt-pretrain"
 
@@ -31,31 +31,15 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print_json(summary)
         return
-    spec = summary.get("spec", {})
-    if summary.get("kind") == "dvae_tokenizer":
-        print(
-            f"wrote {summary['artifact']}: dVAE tokenizer, {spec.get('codebook_size')} codes of width "
-            f"{spec.get('token_dim')}, {spec.get('num_groups')} groups of {spec.get('group_size')}, "
-            f"{summary['num_params']:,} parameters"
-        )
-        return
-    arch = (
-        f"{spec.get('arch')} {spec.get('embed_dim')}x{spec.get('depth')} ({spec.get('num_heads')} heads), "
-        f"{spec.get('num_groups')} groups of {spec.get('group_size')}, cls_token={spec.get('cls_token')}"
-    )
-    print(f"wrote {summary['artifact']}: {arch}, {summary['num_params']:,} parameters")
+    from pretrain.artifacts import artifact_kind
+
+    print(f"wrote {summary['artifact']}: {artifact_kind(summary['kind']).summary(summary)}")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from pretrain.checkpoint import WeightsMismatchError, export_from_lightning_ckpt, read_artifact_meta
-    from pretrain.tokenizers import TOKENIZER_KIND, export_tokenizer_from_lightning_ckpt, lightning_ckpt_kind
+    from pretrain.checkpoint import export_from_lightning_ckpt, read_artifact_meta
 
-    tokenizer = lightning_ckpt_kind(args.ckpt) == TOKENIZER_KIND
-    exporter = export_tokenizer_from_lightning_ckpt if tokenizer else export_from_lightning_ckpt
-    try:
-        out = exporter(args.ckpt, args.out)
-    except WeightsMismatchError as err:
-        raise UserError(str(err)) from err
+    out = export_from_lightning_ckpt(args.ckpt, args.out)
     meta = read_artifact_meta(out)
     summary = {
         "artifact": str(out),
@@ -70,22 +54,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from pretrain.checkpoint import WeightsMismatchError
     from pretrain.importers import import_official
 
-    try:
-        summary = import_official(
-            args.format,
-            args.src,
-            args.out,
-            num_heads=args.num_heads,
-            num_groups=args.num_groups,
-            group_size=args.group_size,
-            num_points=args.num_points,
-            drop_path=args.drop_path,
-        )
-    except WeightsMismatchError as err:
-        raise UserError(str(err)) from err
+    summary = import_official(
+        args.format,
+        args.src,
+        args.out,
+        num_heads=args.num_heads,
+        num_groups=args.num_groups,
+        group_size=args.group_size,
+        num_points=args.num_points,
+        drop_path=args.drop_path,
+    )
     _print_summary(summary, args.json)
     return 0
 
@@ -96,10 +76,10 @@ def _cmd_eval_tokenizer(args: argparse.Namespace) -> int:
     from datapipes.cli_common import resolve_device
     from datapipes.geometry import normalize_unit_sphere
     from datapipes.memory import load_split_arrays
-    from pretrain.tokenizer_eval import evaluate_tokenizer
-    from pretrain.tokenizers import load_tokenizer
+    from pretrain.dvae import load_dvae
+    from pretrain.dvae_eval import evaluate_dvae
 
-    tokenizer, meta = load_tokenizer(args.artifact)
+    tokenizer, meta = load_dvae(args.artifact)
     contract = meta.get("data_contract", {})
     num_points = int(contract.get("num_points", 1024))
     xyz, _, _ = load_split_arrays(args.data, args.split, num_points)  # FPS order: the first num_points
@@ -110,7 +90,7 @@ def _cmd_eval_tokenizer(args: argparse.Namespace) -> int:
         )
     if contract.get("normalization", "unit_sphere") == "unit_sphere":
         xyz = np.stack([normalize_unit_sphere(cloud)[0] for cloud in xyz])
-    report = evaluate_tokenizer(
+    report = evaluate_dvae(
         tokenizer, xyz, batch_size=args.batch_size, device=resolve_device(args.device), seed=args.seed
     )
     summary = {
@@ -256,13 +236,9 @@ def build_parser() -> CliParser:
     return parser
 
 
-def _main(argv: Sequence[str] | None) -> int:
-    return dispatch(argv, build_parser, PASSTHROUGH)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``pcpt-pretrain``; returns the exit status (0 ok, 2 user error)."""
-    return run_cli(PROG, _main, argv)
+    return run_subcommands(PROG, argv, build_parser, PASSTHROUGH)
 
 
 if __name__ == "__main__":

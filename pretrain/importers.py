@@ -16,7 +16,7 @@ Layouts (key names dumped from the official code):
 - ``point-bert`` masked point modelling (``Point_BERT``): ``transformer_q.*`` without ``cls_head`` and
   ``lm_head``; dropped ``transformer_k.*``, ``dvae.*``, ``queue``, ``queue_ptr``,
   ``transformer_q.{cls_head,lm_head}.*``.
-- ``point-bert-dvae`` (a ``dvae_tokenizer`` artifact, :mod:`pretrain.tokenizers`): the dVAE
+- ``point-bert-dvae`` (a ``dvae_tokenizer`` artifact, :mod:`pretrain.dvae`): the dVAE
   (``DiscreteVAE``: ``codebook``, ``encoder.*``, ``dgcnn_1.*``, ``dgcnn_2.*``, ``decoder.*``, names kept), or
   the ``dvae.*`` part of a masked point modelling checkpoint (dropped ``transformer_q.*``,
   ``transformer_k.*``, ``queue``, ``queue_ptr``).
@@ -24,7 +24,6 @@ Layouts (key names dumped from the official code):
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,15 +34,15 @@ import torch
 from torch import Tensor
 
 from datapipes.errors import UserError
+from datapipes.shards import sha256_file
 from pretrain.checkpoint import (
-    git_sha,
     load_state_strict,
     read_artifact_meta,
     read_checkpoint_file,
     save_module_artifact,
 )
-from pretrain.encoders import DataContract, EncoderSpec, build_encoder
-from pretrain.tokenizers import TOKENIZER_KIND, DiscreteVAE, infer_dvae_spec
+from pretrain.dvae import DVAE_KIND, DiscreteVAE, infer_dvae_spec
+from pretrain.encoders import DataContract, PointViTSpec, build_encoder
 
 __all__ = [
     "REMAPS",
@@ -193,7 +192,7 @@ def remap_point_bert(state: Mapping[str, Tensor]) -> Remapped:
 def remap_point_bert_dvae(state: Mapping[str, Tensor]) -> Remapped:
     """Official Point-BERT dVAE weights (the dVAE checkpoint, or ``dvae.*`` of an MPM one) -> pcpt names.
 
-    pcpt's :class:`~pretrain.tokenizers.DiscreteVAE` uses the official names, so keys are kept as they are
+    pcpt's :class:`~pretrain.dvae.DiscreteVAE` uses the official names, so keys are kept as they are
     (minus the ``dvae.`` prefix of a masked point modelling checkpoint).
 
     Args:
@@ -203,13 +202,11 @@ def remap_point_bert_dvae(state: Mapping[str, Tensor]) -> Remapped:
         ValueError: neither ``codebook`` nor ``dvae.codebook`` is present.
     """
     if "codebook" in state:
-        return Remapped(dict(state), [], "point-bert dvae", (), kind=TOKENIZER_KIND)
+        return Remapped(dict(state), [], "point-bert dvae", (), kind=DVAE_KIND)
     if "dvae.codebook" in state:
         out, dropped = _rename(state, (("dvae.", ""),))
         expected = ("transformer_q.", "transformer_k.", "queue", "queue_ptr")
-        return Remapped(
-            out, dropped, "point-bert masked point modelling (dvae)", expected, kind=TOKENIZER_KIND
-        )
+        return Remapped(out, dropped, "point-bert masked point modelling (dvae)", expected, kind=DVAE_KIND)
     raise ValueError(
         "not a Point-BERT dVAE checkpoint: expected 'codebook' (dVAE) or 'dvae.codebook' (masked point "
         f"modelling) keys; first keys: {sorted(state)[:8]}"
@@ -256,7 +253,7 @@ def infer_spec(
     group_size: int = 32,
     drop_path: float = 0.1,
     **hints: Any,
-) -> EncoderSpec:
+) -> PointViTSpec:
     """Infers a ``point_vit`` spec from weights in pcpt names.
 
     Width, depth, MLP ratio, tokenizer width (and so ``reduce_dim``), CLS and mask tokens come from the
@@ -295,15 +292,7 @@ def infer_spec(
         "fps_skip_near_origin": True,
     }
     values.update(hints)
-    return EncoderSpec.from_dict(values)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return PointViTSpec.from_dict(values)
 
 
 def import_official(
@@ -352,12 +341,12 @@ def import_official(
             f"{remapped.layout} checkpoint: {unknown}"
         )
     module: torch.nn.Module
-    if remapped.kind == TOKENIZER_KIND:
+    if remapped.kind == DVAE_KIND:
         try:
             dvae_spec = infer_dvae_spec(remapped.state, num_groups=num_groups, group_size=group_size)
         except ValueError as err:
             raise UserError(f"{path}: {err}") from err
-        module, spec = DiscreteVAE(dvae_spec), dvae_spec.to_dict()
+        module = DiscreteVAE(dvae_spec)
         data = DataContract(num_points=num_points, normalization="unit_sphere", fps_order=False)
     else:
         try:
@@ -372,29 +361,26 @@ def import_official(
             data = DataContract(num_points=num_points, normalization="unit_sphere", fps_order=False)
         except ValueError as err:
             raise UserError(f"{path}: {err}") from err
-        module, spec = build_encoder(encoder_spec), encoder_spec.to_dict()
+        module = build_encoder(encoder_spec)
     load_state_strict(module, remapped.state, source=path)
-    sha = _sha256(path)
+    sha = sha256_file(path)
     epoch = obj.get("epoch") if isinstance(obj, Mapping) else None
     provenance = {
         "method": f"{fmt} (official)",
         "step": None,
         "epoch": epoch if isinstance(epoch, int) else None,
-        "git_sha": git_sha(),
         "source": str(path),
         "source_sha256": sha,
         "source_layout": remapped.layout,
     }
-    out = save_module_artifact(
-        out_dir, module, kind=remapped.kind, spec=spec, data=data, provenance=provenance
-    )
+    out = save_module_artifact(out_dir, module, data=data, provenance=provenance)
     meta = read_artifact_meta(out)
     return {
         "artifact": str(out),
         "format": fmt,
-        **({"kind": TOKENIZER_KIND} if remapped.kind == TOKENIZER_KIND else {}),
+        "kind": meta["kind"],
         "layout": remapped.layout,
-        "spec": spec,
+        "spec": meta["spec"],
         "num_params": meta["num_params"],
         "num_tensors": len(remapped.state),
         "dropped": len(remapped.dropped),

@@ -1,4 +1,11 @@
-"""Optimizer parameter groups with the Point-BERT / Point-MAE weight-decay exclusion rule.
+"""Optimisation in one place: parameter groups, the default optimiser, and wiring injected optimisers.
+
+Training modules take the optimiser and the learning-rate schedule as callables, the LightningCLI way
+(``optimizer: OptimizerCallable``, ``lr_scheduler: LRSchedulerCallable``, given in the YAML as
+``class_path`` + ``init_args``). :func:`configure_optimization` builds both for a module: the optimiser over
+:func:`param_groups`, the schedule sized from the data (:func:`training_steps`), stepped every optimiser step.
+The defaults are the Point-BERT / Point-MAE recipe: :class:`AdamW` (lr 1e-3, weight decay 0.05) and
+``pretrain.schedules.WarmupCosineLR``.
 
 The official builder (``tools/builder.py:build_opti_sche``, identical in both repositories) puts a parameter
 into the no-decay group when it is 1-D, when its name ends in ``.bias``, or when its name contains ``token``.
@@ -8,12 +15,23 @@ Linear weights are. GeoMAE additionally excludes names containing ``norm``; pass
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import lightning.pytorch as pl
+import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["is_no_decay", "param_groups", "split_decay_names"]
+__all__ = [
+    "AdamW",
+    "configure_optimization",
+    "is_no_decay",
+    "param_groups",
+    "split_decay_names",
+    "training_steps",
+]
 
 OFFICIAL_NO_DECAY_SUBSTRINGS: tuple[str, ...] = ("token",)
 
@@ -59,26 +77,26 @@ def split_decay_names(model: nn.Module, *, no_decay_names: Iterable[str] = ()) -
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, *, no_decay_names: Iterable[str] = ()
+    model: nn.Module, weight_decay: float | None = None, *, no_decay_names: Iterable[str] = ()
 ) -> list[dict[str, Any]]:
-    """Two optimizer parameter groups: decayed with ``weight_decay`` and not decayed (``weight_decay=0``).
+    """Two optimizer parameter groups: decayed, and not decayed (``weight_decay=0``).
 
     Frozen parameters (``requires_grad=False``) are skipped; an empty group is left out. Each group carries a
     ``"group"`` key (``"decay"`` or ``"no_decay"``) for logging; torch optimizers keep extra keys.
 
     Args:
         model: the module whose parameters are optimized.
-        weight_decay: decay of the first group, ``>= 0``.
+        weight_decay: decay of the first group, ``>= 0``; None leaves it to the optimiser's own setting.
         no_decay_names: extra substrings that exclude a name from weight decay (official rule: 1-D,
             ``.bias``, ``token``; GeoMAE adds ``"norm"``).
 
     Returns:
-        A list of one or two dicts with ``params`` and ``weight_decay``, ready for ``torch.optim.AdamW``.
+        A list of one or two dicts with ``params`` (and ``weight_decay`` where set), ready for an optimiser.
 
     Raises:
         ValueError: negative ``weight_decay`` or a model without trainable parameters.
     """
-    if weight_decay < 0:
+    if weight_decay is not None and weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     decay_names, no_decay_names_list = split_decay_names(model, no_decay_names=no_decay_names)
     if not decay_names and not no_decay_names_list:
@@ -86,15 +104,109 @@ def param_groups(
     params = dict(model.named_parameters())
     groups: list[dict[str, Any]] = []
     if decay_names:
-        groups.append(
-            {
-                "params": [params[n] for n in decay_names],
-                "weight_decay": float(weight_decay),
-                "group": "decay",
-            }
-        )
+        group: dict[str, Any] = {"params": [params[n] for n in decay_names], "group": "decay"}
+        if weight_decay is not None:
+            group["weight_decay"] = float(weight_decay)
+        groups.append(group)
     if no_decay_names_list:
         groups.append(
             {"params": [params[n] for n in no_decay_names_list], "weight_decay": 0.0, "group": "no_decay"}
         )
     return groups
+
+
+class AdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` with the Point-BERT / Point-MAE recipe as defaults (lr 1e-3, weight decay 0.05).
+
+    Args:
+        params: parameters or parameter groups.
+        lr: peak learning rate.
+        weight_decay: decoupled weight decay (the no-decay group of :func:`param_groups` overrides it with 0).
+        betas: Adam's moment coefficients.
+        eps: Adam's epsilon.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def training_steps(trainer: pl.Trainer) -> tuple[int, int]:
+    """``(optimizer steps of the whole run, optimizer steps per epoch)``, counted from the data.
+
+    A data module with ``train_batches_per_epoch()`` (pcpt's do) gives the batches per epoch on this rank
+    without building a loader, so the training loader is first built by the fit loop after a checkpoint is
+    restored (which lets it resume inside an epoch). Other data modules fall back to Lightning's count of the
+    training loader. ``limit_train_batches``, gradient accumulation, ``max_epochs`` and ``max_steps`` are
+    applied as Lightning applies them; the run ends at whichever of the two limits comes first.
+
+    Raises:
+        ValueError: neither ``max_epochs`` nor ``max_steps`` bounds the run.
+    """
+    datamodule = getattr(trainer, "datamodule", None)
+    counter = getattr(datamodule, "train_batches_per_epoch", None)
+    if callable(counter):
+        batches = int(counter())
+        limit = trainer.limit_train_batches
+        if isinstance(limit, int):
+            batches = min(batches, limit)
+        elif limit is not None and float(limit) < 1.0:
+            batches = int(batches * float(limit))
+    else:
+        _ = trainer.estimated_stepping_batches  # builds the loader so that its length is known
+        batches = int(trainer.num_training_batches)
+    per_epoch = max(math.ceil(batches / max(int(trainer.accumulate_grad_batches), 1)), 1)
+    limits = []
+    if trainer.max_epochs is not None and trainer.max_epochs > 0:
+        limits.append(per_epoch * int(trainer.max_epochs))
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        limits.append(int(trainer.max_steps))
+    if not limits:
+        raise ValueError("the run needs max_epochs or max_steps to size its learning-rate schedule")
+    return min(limits), per_epoch
+
+
+def _build_scheduler(
+    factory: Callable[..., LRScheduler], optimizer: torch.optim.Optimizer, total: int, per_epoch: int
+) -> LRScheduler:
+    """Calls a schedule factory with the run length when it takes it (pcpt's), without otherwise."""
+    try:
+        return factory(optimizer, total_steps=total, steps_per_epoch=per_epoch)
+    except TypeError as err:
+        if "total_steps" not in str(err) and "steps_per_epoch" not in str(err):
+            raise
+    return factory(optimizer)
+
+
+def configure_optimization(
+    module: pl.LightningModule,
+    optimizer: Callable[[Iterable[Any]], torch.optim.Optimizer],
+    lr_scheduler: Callable[..., LRScheduler] | None,
+    *,
+    no_decay_names: Iterable[str] = (),
+) -> dict[str, Any]:
+    """The ``configure_optimizers`` return value of every pcpt training module.
+
+    The optimiser gets :func:`param_groups` of the module's trainable parameters (the no-decay group has
+    weight decay 0, the other the optimiser's setting). The schedule is stepped every optimiser step; a
+    schedule that takes ``total_steps`` and ``steps_per_epoch`` (``pretrain.schedules.WarmupCosineLR``) gets
+    them from :func:`training_steps`, any other (a torch scheduler) is built with the optimiser alone.
+
+    Args:
+        module: the LightningModule, attached to its trainer.
+        optimizer: parameter groups -> optimiser.
+        lr_scheduler: optimiser -> schedule, or None for a constant learning rate.
+        no_decay_names: extra parameter-name substrings excluded from weight decay.
+    """
+    built = optimizer(param_groups(module, no_decay_names=no_decay_names))
+    if lr_scheduler is None:
+        return {"optimizer": built}
+    total, per_epoch = training_steps(module.trainer)
+    scheduler = _build_scheduler(lr_scheduler, built, total, per_epoch)
+    return {"optimizer": built, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -5,8 +5,8 @@
   cycle_limit=1``): a linear warmup from ``warmup_init_lr`` that *replaces* the first ``warmup_steps`` of a
   single cosine running from step 0 to ``total_steps`` (timm's default ``warmup_prefix=False``), then
   ``min_lr`` from ``total_steps`` on.
-* :func:`warmup_cosine_scheduler` wraps it in a resumable :class:`torch.optim.lr_scheduler.LambdaLR` that
-  scales every parameter group from its own base learning rate.
+* :class:`WarmupCosineLR` wraps it in a resumable :class:`torch.optim.lr_scheduler.LambdaLR` that scales
+  every parameter group from its own base learning rate, with the warmup given in epochs.
 * :func:`cosine_ramp`, :func:`gumbel_temperature` and :func:`kl_weight` are the per-iteration schedules of the
   Point-BERT dVAE (Yu et al., CVPR 2022): Gumbel-softmax temperature 1 → 1/16 over 100k iterations and a KL
   weight that stays 0 for 10k iterations, then ramps 0 → 0.1 over 100k iterations.
@@ -31,11 +31,11 @@ __all__ = [
     "KL_WEIGHT_RAMP_ITERS",
     "KL_WEIGHT_START_IT",
     "WarmupCosineFactor",
+    "WarmupCosineLR",
     "cosine_ramp",
     "cosine_with_warmup",
     "gumbel_temperature",
     "kl_weight",
-    "warmup_cosine_scheduler",
 ]
 
 GUMBEL_TEMPERATURE_START = 1.0
@@ -141,49 +141,55 @@ class WarmupCosineFactor:
         return lr / self.base_lr
 
 
-def warmup_cosine_scheduler(
-    optimizer: torch.optim.Optimizer,
-    *,
-    total_steps: int,
-    warmup_steps: int,
-    min_lr: float = 1e-6,
-    warmup_init_lr: float = 1e-6,
-    last_epoch: int = -1,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` following :func:`cosine_with_warmup` for every parameter group.
+class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
+    """The Point-BERT / Point-MAE schedule for every parameter group: linear warmup, then cosine (per step).
 
-    Each group keeps its own peak learning rate (``initial_lr``, set from ``lr`` when the scheduler is
-    created). Call ``scheduler.step()`` once per optimizer step (Lightning: ``"interval": "step"``). Resume by
-    loading the optimizer's and the scheduler's ``state_dict`` into a freshly built pair.
+    :func:`cosine_with_warmup` with the warmup given in epochs and the run length counted from the data by
+    the training module (``pretrain.optim.configure_optimization`` passes ``total_steps`` and
+    ``steps_per_epoch``). Each group keeps its own peak learning rate (its ``lr`` when the schedule is built).
+    Call ``step()`` once per optimizer step. Resumable through ``state_dict()``.
 
     Args:
         optimizer: the optimizer; its groups' ``lr`` are the peak learning rates.
-        total_steps: length of the cosine cycle in scheduler steps.
-        warmup_steps: warmup length in scheduler steps.
+        warmup_epochs: warmup length in epochs (converted with ``steps_per_epoch``; at most the run less one
+            step).
         min_lr: final learning rate of every group.
         warmup_init_lr: learning rate of every group at step 0.
-        last_epoch: passed to ``LambdaLR`` (``-1`` starts a new schedule).
-
-    Returns:
-        The scheduler.
+        total_steps: optimizer steps of the whole run.
+        steps_per_epoch: optimizer steps per epoch.
 
     Raises:
-        ValueError: invalid step counts (see :func:`cosine_with_warmup`).
+        ValueError: a missing or invalid run length, or a negative ``warmup_epochs``.
     """
-    _check_schedule(total_steps, warmup_steps)
-    factors: list[Any] = []
-    for group in optimizer.param_groups:
-        base_lr = group.get("initial_lr", group["lr"])
-        factors.append(
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        warmup_epochs: float = 10.0,
+        min_lr: float = 1e-6,
+        warmup_init_lr: float = 1e-6,
+        total_steps: int | None = None,
+        steps_per_epoch: int | None = None,
+    ) -> None:
+        if total_steps is None or steps_per_epoch is None:
+            raise ValueError(
+                "WarmupCosineLR needs total_steps and steps_per_epoch (the training module passes them)"
+            )
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        warmup_steps = max(min(round(warmup_epochs * steps_per_epoch), total_steps - 1), 0)
+        _check_schedule(total_steps, warmup_steps)
+        factors: list[Any] = [
             WarmupCosineFactor(
-                base_lr=float(base_lr),
+                base_lr=float(group.get("initial_lr", group["lr"])),
                 total_steps=total_steps,
                 warmup_steps=warmup_steps,
                 min_lr=min_lr,
                 warmup_init_lr=warmup_init_lr,
             )
-        )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=factors, last_epoch=last_epoch)
+            for group in optimizer.param_groups
+        ]
+        super().__init__(optimizer, lr_lambda=factors)
 
 
 def cosine_ramp(it: int, *, start_it: int, ramp_iters: int, start_value: float, end_value: float) -> float:

@@ -23,7 +23,7 @@ import torch
 
 from pretrain.checkpoint import load_encoder, save_encoder
 from pretrain.encoders import build_encoder
-from pretrain.encoders.spec import DataContract, EncoderSpec
+from pretrain.encoders.spec import DataContract, PointViTSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,7 +48,7 @@ def random_init_artifact(pretrained: Path, out: Path, seed: int = 0) -> Path:
     _, meta = load_encoder(pretrained)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        encoder = build_encoder(EncoderSpec.from_dict(meta["spec"]))
+        encoder = build_encoder(PointViTSpec.from_dict(meta["spec"]))
     contract = DataContract.from_dict(meta["data_contract"])
     return save_encoder(out, encoder, data=contract, provenance={"method": "random-init", "seed": seed})
 

@@ -10,7 +10,7 @@ import pytest
 from datapipes.synthetic import write_synthetic
 from pretrain.checkpoint import save_encoder
 from pretrain.encoders import build_encoder
-from pretrain.encoders.spec import DataContract, EncoderSpec
+from pretrain.encoders.spec import DataContract, PointViTSpec
 from tests.cli_helpers import REPO, assert_one_error_line, console_script, repo_env, run_command
 from tests.datapipes._shard_helpers import truncate_at_member
 
@@ -26,7 +26,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     bad = root / "bad"
     shutil.copytree(good, bad)
     truncate_at_member(bad / BAD, 8)  # cut between samples: two of its four samples remain, no tar end
-    encoder = build_encoder(EncoderSpec.named("tiny", num_groups=8, group_size=8))
+    encoder = build_encoder(PointViTSpec.named("tiny", num_groups=8, group_size=8))
     art = save_encoder(root / "art", encoder, data=DataContract(num_points=64), provenance={"method": "test"})
     return {"good": good, "bad": bad, "art": art, "root": root}
 

@@ -55,7 +55,7 @@ def test_pretrain_config_instantiates(config: Path, demo: Path, tmp_path: Path) 
     if stage_one is not None:
         dvae = _pretrain(["-c", str(stage_one)], demo).model
         assert isinstance(dvae, PretrainModule)
-        extra = [f"--model.init_args.tokenizer={dvae.export_encoder(tmp_path / 'tokenizer')}"]
+        extra = [f"--model.init_args.dvae={dvae.export_encoder(tmp_path / 'tokenizer')}"]
     cli = _pretrain(["-c", str(config), *extra], demo)
     assert isinstance(cli.model, PretrainModule)
     cli.datamodule.setup("fit")
@@ -72,9 +72,9 @@ def test_trainer_config_combines_with_a_method(trainer: Path, demo: Path) -> Non
 def test_finetune_config_instantiates(demo: Path, tmp_path: Path) -> None:
     from pretrain.checkpoint import save_encoder
     from pretrain.encoders import build_encoder
-    from pretrain.encoders.spec import DataContract, EncoderSpec
+    from pretrain.encoders.spec import DataContract, PointViTSpec
 
-    art = save_encoder(tmp_path / "art", build_encoder(EncoderSpec()), data=DataContract(), provenance={})
+    art = save_encoder(tmp_path / "art", build_encoder(PointViTSpec()), data=DataContract(), provenance={})
     argv = _cpu(["-c", str(REPO / "configs" / "finetune" / "classify.yaml"), f"--data.data_root={demo}",
                  f"--model.pretrained={art}"])  # fmt: skip
     cli: Any = FinetuneCLI(args=argv, run=False, **FINETUNE_KWARGS)

@@ -22,7 +22,7 @@ from finetune.cli import main as finetune_main
 from pretrain.checkpoint import load_encoder, save_encoder
 from pretrain.cli import main as pretrain_main
 from pretrain.encoders import build_encoder
-from pretrain.encoders.spec import DataContract, EncoderSpec
+from pretrain.encoders.spec import DataContract, PointViTSpec
 from tests.cli_helpers import REPO, assert_error_line_last, assert_one_error_line, console_script, run_command
 
 PRETRAIN = [
@@ -44,7 +44,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    encoder = build_encoder(EncoderSpec.named("tiny", num_groups=8, group_size=8))
+    encoder = build_encoder(PointViTSpec.named("tiny", num_groups=8, group_size=8))
     out = tmp_path_factory.mktemp("art") / "encoder"
     return save_encoder(out, encoder, data=DataContract(num_points=64), provenance={"method": "test"})
 
@@ -193,7 +193,7 @@ def test_finetune_with_weights_that_do_not_match(
     broken = tmp_path / "broken"
     save_encoder(
         broken,
-        build_encoder(EncoderSpec.named("tiny", num_groups=8, group_size=8)),
+        build_encoder(PointViTSpec.named("tiny", num_groups=8, group_size=8)),
         data=DataContract(num_points=64),
         provenance={},
     )

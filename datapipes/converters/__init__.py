@@ -1,25 +1,17 @@
 """Raw dataset -> shard converters (``pcpt-data convert FORMAT SRC OUT``).
 
-One module per format family; every converter lists work items and reads one item, and the shared driver
-in :mod:`datapipes.converters.base` does the rest (sampling, normalisation, normals, FPS order, sharding,
-resume). :data:`CONVERTERS` maps each format name to its converter class.
+One module per format family; every converter implements :class:`~datapipes.converters.base.Converter`
+(list the work items, read one item). The shared per-item processing (:mod:`datapipes.converters.process`:
+sampling, normalisation, normals, FPS order) and the driver (:mod:`datapipes.converters.driver`: sharding,
+resume, report) do the rest. :data:`CONVERTERS` maps each format name to its converter class.
 """
 
 from __future__ import annotations
 
 from datapipes.converters import h5, hf, lidar, meshes, npy, text
-from datapipes.converters.base import (
-    Converter,
-    ConvertOptions,
-    ConvertReport,
-    Plan,
-    RawCloud,
-    Reject,
-    WorkItem,
-    convert,
-    process_item,
-    process_items,
-)
+from datapipes.converters.base import Converter, ConvertOptions, Plan, RawCloud, Reject, WorkItem
+from datapipes.converters.driver import ConvertReport, convert, resolve_options
+from datapipes.converters.process import is_rejection, process_item, process_items
 from datapipes.errors import UserError
 
 CONVERTERS: dict[str, type[Converter]] = {
@@ -62,6 +54,8 @@ __all__ = [
     "WorkItem",
     "convert",
     "get_converter",
+    "is_rejection",
     "process_item",
     "process_items",
+    "resolve_options",
 ]

@@ -7,8 +7,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from datapipes.cli_common import add_command
 from datapipes.converters import CONVERTERS, get_converter
-from datapipes.converters.base import ConvertOptions, ConvertReport, convert, dumps_report, resolve_options
+from datapipes.converters.base import ConvertOptions
+from datapipes.converters.driver import ConvertReport, convert, dumps_report, resolve_options
 from datapipes.engines import make_engine
 from datapipes.errors import UserError
 from datapipes.progress import Progress
@@ -52,20 +54,14 @@ def _formats_epilog() -> str:
 
 
 def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Registers ``convert`` on a ``pcpt-data`` subparser collection.
-
-    Args:
-        subparsers: the object returned by ``ArgumentParser.add_subparsers()``.
-
-    Returns:
-        The ``convert`` parser (its handler is set with ``set_defaults(func=...)``).
-    """
-    p = subparsers.add_parser(
+    """Registers ``pcpt-data convert`` (see :func:`~datapipes.cli_common.add_command`)."""
+    p = add_command(
+        subparsers,
         "convert",
+        run_convert,
         help="convert a raw dataset (ModelNet, ShapeNet, ScanObjectNN, meshes, KITTI, HF) to shards",
         description=_DESCRIPTION,
         epilog=_formats_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("format", metavar="FORMAT", help=f"source format: {', '.join(CONVERTERS)}")
     p.add_argument("src", metavar="SRC", help="source folder (hf: also a parquet glob or a hub id)")
@@ -141,7 +137,6 @@ def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
     e.add_argument("--strict", action="store_true", help="fail on the first rejected input (exit 2)")
     e.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_convert)
     return p
 
 

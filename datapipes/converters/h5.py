@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from datapipes.converters.base import Converter, ConvertOptions, Plan, RawCloud, WorkItem, as_points, make_key
-from datapipes.converters.sources import require_dir
+from datapipes.converters.base import Converter, ConvertOptions, Plan, RawCloud, WorkItem
+from datapipes.converters.sources import as_points, make_key, require_dir
 from datapipes.errors import UserError
 
 SCANOBJECTNN_CLASSES = (

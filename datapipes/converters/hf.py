@@ -29,16 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from datapipes.converters.base import (
-    Converter,
-    ConvertOptions,
-    Plan,
-    RawCloud,
-    Reject,
-    WorkItem,
-    as_points,
-    make_key,
-)
+from datapipes.converters.base import Converter, ConvertOptions, Plan, RawCloud, Reject, WorkItem
+from datapipes.converters.sources import as_points, make_key
 from datapipes.errors import UserError
 
 POINT_COLUMNS = ("points", "xyz", "pos", "point_cloud", "pointcloud", "pc", "coords")

@@ -2,9 +2,10 @@
 
 SRC is any folder holding ``.bin`` frames (``sequences/*/velodyne``, ``training/velodyne``, ...), searched
 recursively. Frames under a ``testing`` folder go to ``test``, all others to ``train``. Intensity is kept as
-``feat`` ``(N, 1)``. Scenes are not normalised to the unit sphere and not FPS-ordered by default (FPS over
-~120k points per frame is slow); ``--points N`` subsamples with a seeded random subset, or by FPS with
-``--fps``. Estimated normals point towards the sensor at the origin.
+``feat`` ``(N, 1)``, its channel named ``intensity`` in the manifest. Scenes are not normalised to the unit
+sphere and not FPS-ordered by default (FPS over ~120k points per frame is slow); ``--points N``
+subsamples with a seeded random subset, or by FPS with ``--fps``. Estimated normals point towards the
+sensor at the origin.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datapipes.converters.base import Converter, ConvertOptions, Plan, RawCloud, Reject, WorkItem, make_key
-from datapipes.converters.sources import check_file, require_dir
+from datapipes.converters.base import Converter, ConvertOptions, Plan, RawCloud, Reject, WorkItem
+from datapipes.converters.sources import check_file, make_key, require_dir
 from datapipes.errors import UserError
 
 RECORD_BYTES = 16
@@ -42,7 +43,7 @@ class Kitti(Converter):
             splits.setdefault(split, []).append(WorkItem(key, split, rel.as_posix(), str(path)))
         if not splits:
             raise UserError(f"{src}: no .bin frames found")
-        return Plan(splits=splits, classes=[])
+        return Plan(splits=splits, classes=[], channels={"feat": ("intensity",)})
 
     def read(self, item: WorkItem, options: ConvertOptions) -> RawCloud:
         """Reads one frame."""

@@ -5,8 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from datapipes.converters.base import Converter, ConvertOptions, Plan, RawCloud, WorkItem, as_points, make_key
-from datapipes.converters.sources import class_split_items, first_has_normals, load_npy, require_dir
+from datapipes.converters.base import Converter, ConvertOptions, Plan, RawCloud, WorkItem
+from datapipes.converters.sources import (
+    as_points,
+    class_split_items,
+    first_has_normals,
+    load_npy,
+    make_key,
+    require_dir,
+)
 from datapipes.errors import UserError
 
 

@@ -2,16 +2,57 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from datapipes.converters.base import Reject, WorkItem, item_rng, make_key
+from datapipes.converters.base import Reject, WorkItem, item_rng
 from datapipes.errors import UserError
+from datapipes.shards.codecs import read_npy_header
 
 SPLITS = ("train", "test")
+
+
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def make_key(*parts: str) -> str:
+    """Joins parts into a shard-safe key: anything but letters, digits, ``_`` and ``-`` becomes ``_``.
+
+    Args:
+        parts: key components, joined with ``_``.
+
+    Returns:
+        The key (never empty).
+    """
+    key = "_".join(_KEY_UNSAFE.sub("_", p).strip("_") for p in parts if p)
+    return key or "_"
+
+
+def as_points(array: Any, what: str = "points") -> tuple[np.ndarray, np.ndarray | None]:
+    """Splits an ``(N, 3)`` or ``(N, 6)`` (xyz + normals) array into xyz and normals.
+
+    Args:
+        array: the loaded array.
+        what: name used in the rejection reason.
+
+    Returns:
+        ``(xyz, normal or None)``.
+
+    Raises:
+        Reject: not a 2-D numeric array with 3 or 6 columns.
+    """
+    arr = np.asarray(array)
+    if arr.dtype.kind not in "fiu":
+        raise Reject(f"wrong array dtype {arr.dtype}: expected numeric {what}")
+    if arr.ndim != 2 or arr.shape[1] not in (3, 6):
+        raise Reject(f"wrong array shape {tuple(arr.shape)}: expected (N, 3) or (N, 6) {what}")
+    if arr.shape[1] == 6:
+        return arr[:, :3], arr[:, 3:6]
+    return arr, None
 
 
 def require_dir(src: Path, what: str) -> Path:
@@ -42,24 +83,17 @@ def check_file(path: Path) -> int:
     return size
 
 
-def _npy_header(fh: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(fh)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(fh)
-    return np.lib.format.read_array_header_2_0(fh)
-
-
 def npy_shape(path: Path) -> tuple[int, ...] | None:
     """The array shape in a ``.npy`` header, or ``None`` when the file is missing or not ``.npy``."""
     try:
         with path.open("rb") as fh:
-            return tuple(_npy_header(fh)[0])
+            return tuple(read_npy_header(fh)[0])
     except Exception:  # a probe: any unreadable header means "not a usable .npy" (read() gives the reason)
         return None
 
 
 def load_npy(path: Path) -> np.ndarray:
-    """Loads a ``.npy`` array without pickle, with precise reasons for garbage and truncated files.
+    """Loads a ``.npy`` array with NumPy's reader, never unpickling, with precise reasons for bad files.
 
     Args:
         path: the file.
@@ -73,7 +107,7 @@ def load_npy(path: Path) -> np.ndarray:
     size = check_file(path)
     with path.open("rb") as fh:
         try:
-            shape, fortran, dtype = _npy_header(fh)
+            shape, _, dtype = read_npy_header(fh)
         except (ValueError, EOFError, SyntaxError, TypeError, KeyError) as err:  # header is a Python literal
             raise Reject(f"not a .npy file ({type(err).__name__}: {err})") from None
         if dtype.hasobject:
@@ -84,8 +118,8 @@ def load_npy(path: Path) -> np.ndarray:
             raise Reject(
                 f"truncated .npy file: header says {shape} {dtype} ({expected} bytes), {available} present"
             )
-        data = np.frombuffer(fh.read(expected), dtype=dtype)
-    return data.reshape(shape, order="F" if fortran else "C")
+        fh.seek(0)
+        return np.lib.format.read_array(fh, allow_pickle=False)
 
 
 def first_has_normals(items: Sequence[WorkItem]) -> bool:

@@ -13,17 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datapipes.converters.base import (
-    Converter,
-    ConvertOptions,
-    Plan,
-    RawCloud,
-    Reject,
-    WorkItem,
-    as_points,
-    make_key,
-)
-from datapipes.converters.sources import check_file, require_dir
+from datapipes.converters.base import Converter, ConvertOptions, Plan, RawCloud, Reject, WorkItem
+from datapipes.converters.sources import as_points, check_file, make_key, require_dir
 from datapipes.errors import UserError
 
 

@@ -1,60 +1,39 @@
-"""Point encoders: the :class:`PointEncoder` interface, specs, and the ``ENCODERS`` registry.
+"""Point encoders: the :class:`PointEncoder` interface, encoder families and their registry.
 
-The registry lists the built-in architectures explicitly; :func:`build_encoder` turns a spec (for example
-one read from an encoder artifact) into a module.
+Each family is a spec class (``arch`` + everything needed to rebuild it) and a builder, registered under its
+``arch``; the built-in families are registered here, explicitly. :func:`build_encoder` turns a spec (for
+example one read from an encoder artifact with :func:`spec_from_dict`) into a module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from pretrain.encoders.base import EncoderOutput, PointEncoder
 from pretrain.encoders.point_vit import PointViT
-from pretrain.encoders.spec import NAMED_SIZES, DataContract, EncoderSpec
+from pretrain.encoders.registry import (
+    ENCODER_FAMILIES,
+    EncoderFamily,
+    build_encoder,
+    register_encoder_family,
+    spec_from_dict,
+)
+from pretrain.encoders.spec import NAMED_SIZES, DataContract, EncoderSpec, PointViTSpec
+from pretrain.encoders.tokenizer import PatchTokenizer, PointTokens
 
 __all__ = [
-    "ENCODERS",
+    "ENCODER_FAMILIES",
     "NAMED_SIZES",
     "DataContract",
-    "EncoderFactory",
+    "EncoderFamily",
     "EncoderOutput",
     "EncoderSpec",
+    "PatchTokenizer",
     "PointEncoder",
+    "PointTokens",
     "PointViT",
+    "PointViTSpec",
     "build_encoder",
-    "register_encoder",
+    "register_encoder_family",
+    "spec_from_dict",
 ]
 
-EncoderFactory = Callable[[EncoderSpec], PointEncoder]
-
-#: architecture name (``EncoderSpec.arch``) -> constructor taking the spec.
-ENCODERS: dict[str, EncoderFactory] = {"point_vit": PointViT}
-
-
-def register_encoder(arch: str) -> Callable[[EncoderFactory], EncoderFactory]:
-    """Decorator adding an encoder constructor under ``arch``.
-
-    Raises:
-        ValueError: ``arch`` is already registered.
-    """
-
-    def decorator(factory: EncoderFactory) -> EncoderFactory:
-        if arch in ENCODERS:
-            raise ValueError(f"encoder arch {arch!r} is already registered")
-        ENCODERS[arch] = factory
-        return factory
-
-    return decorator
-
-
-def build_encoder(spec: EncoderSpec) -> PointEncoder:
-    """Builds the encoder a spec describes.
-
-    Raises:
-        ValueError: unknown ``spec.arch`` (the message lists the known ones).
-    """
-    try:
-        factory = ENCODERS[spec.arch]
-    except KeyError:
-        raise ValueError(f"unknown encoder arch {spec.arch!r}; known: {sorted(ENCODERS)}") from None
-    return factory(spec)
+register_encoder_family("point_vit", PointViTSpec, PointViT)

@@ -1,53 +1,62 @@
-"""The Point-BERT / Point-MAE transformer encoder ("point_vit").
+"""The Point-BERT / Point-MAE transformer encoder (``arch="point_vit"``).
 
-Architecturally identical to the official encoders (Yu et al., CVPR 2022; Pang et al., ECCV 2022):
-a BatchNorm mini-PointNet per patch (plus a ``reduce_dim`` Linear when its width differs from the
-transformer's, as in Point-BERT), an MLP positional embedding of patch centres re-added before every block,
-timm-style pre-norm blocks without qkv bias, and a final LayerNorm. Optional CLS token (+ its own
-positional embedding ``cls_pos``) and mask token.
+Architecturally identical to the official encoders (Yu et al., CVPR 2022; Pang et al., ECCV 2022) with the
+default :class:`~pretrain.encoders.spec.PointViTSpec`: the patch tokenizer (FPS + kNN, BatchNorm
+mini-PointNet), a ``reduce_dim`` Linear when the tokenizer's width differs from the transformer's (as in
+Point-BERT), an MLP positional encoding of patch centres re-added before every block, pre-norm blocks without
+qkv bias, and a final LayerNorm. Optional CLS token (+ its own positional embedding ``cls_pos``) and mask
+token. Block options (post-norm, qkv bias, dropouts, LayerScale, activation) are spec fields.
 
 Parameter names: ``tokenizer.first_conv.*``, ``tokenizer.second_conv.*``, ``reduce_dim.*``,
 ``pos_embed.{0,2}.*``, ``blocks.{i}.*``, ``norm.*``, ``cls_token``, ``cls_pos``, ``mask_token``; official
-checkpoints map onto them by prefix edits only (``pretrain.importers``).
+checkpoints map onto them by prefix edits only (``pretrain.importers``). ``pos_embed`` is the positional
+encoding part: any module mapping centres (B, G, 3) to (B, G, D) can replace it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from pretrain.encoders.base import EncoderOutput, PointEncoder
-from pretrain.encoders.spec import EncoderSpec
-from pretrain.nn import Block, CenterPosEmbed, MiniPointNet, drop_path_rates
+from pretrain.encoders.base import EncoderOutput, PointEncoder, check_token_mask, resolve_layers
+from pretrain.encoders.spec import PointViTSpec
+from pretrain.encoders.tokenizer import PatchTokenizer, PointTokens
+from pretrain.nn import Block, CenterPosEmbed, drop_path_rates
+from pretrain.nn.transformer import run_blocks
+from pretrain.ops import PatchGroups
 
 __all__ = ["PointViT"]
 
 
 class PointViT(PointEncoder):
-    """Point-BERT / Point-MAE encoder built from an :class:`EncoderSpec`.
+    """Point-BERT / Point-MAE encoder built from a :class:`PointViTSpec`.
 
     Args:
-        spec: architecture; ``spec.arch`` must be ``"point_vit"``.
+        spec: architecture.
     """
 
-    def __init__(self, spec: EncoderSpec) -> None:
+    spec: PointViTSpec
+
+    def __init__(self, spec: PointViTSpec) -> None:
         super().__init__()
-        if spec.arch != "point_vit":
-            raise ValueError(f"PointViT needs spec.arch='point_vit', got {spec.arch!r}")
+        if not isinstance(spec, PointViTSpec):
+            raise ValueError(f"PointViT needs a PointViTSpec, got {type(spec).__name__}")
         self.spec = spec
         dim = spec.embed_dim
-        self.tokenizer = MiniPointNet(spec.tokenizer_dim)
+        self.tokenizer = PatchTokenizer(spec.tokenizer_dim, spec)
         self.reduce_dim: nn.Module = (
             nn.Linear(spec.tokenizer_dim, dim) if spec.has_reduce_dim else nn.Identity()
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if spec.cls_token else None
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, dim)) if spec.cls_token else None
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim)) if spec.mask_token else None
-        self.pos_embed = CenterPosEmbed(dim)
+        self.pos_embed: nn.Module = CenterPosEmbed(dim)
+        options = spec.block_options
         self.blocks = nn.ModuleList(
-            Block(dim, spec.num_heads, mlp_ratio=spec.mlp_ratio, drop_path=rate)
+            Block(dim, spec.num_heads, options=options, drop_path=rate)
             for rate in drop_path_rates(spec.drop_path, spec.depth)
         )
         self.norm = nn.LayerNorm(dim)
@@ -71,17 +80,29 @@ class PointViT(PointEncoder):
             if token is not None:
                 nn.init.trunc_normal_(token, std=0.02)
 
+    @property
+    def min_points(self) -> int:
+        """``max(num_groups, group_size)``: FPS needs G points, every patch K neighbours."""
+        return max(self.spec.num_groups, self.spec.group_size)
+
+    @property
+    def has_cls_token(self) -> bool:
+        """Whether the spec has a CLS token."""
+        return self.spec.cls_token
+
+    def group(self, xyz: Tensor, *, generator: torch.Generator | None = None) -> PatchGroups:
+        """Patches of clouds (B, N, 3) with the spec's grouping settings (see :class:`PatchTokenizer`)."""
+        return self.tokenizer.group(xyz, generator=generator)
+
     def embed(self, neighborhoods: Tensor) -> Tensor:
-        """Embeds patches.
-
-        Args:
-            neighborhoods: (B, G, K, 3) centre-relative patch points.
-
-        Returns:
-            (B, G, D) tokens (mini-PointNet, then ``reduce_dim`` when present).
-        """
+        """Embeds patches: (B, G, K, 3) centre-relative points -> (B, G, D) tokens."""
         out: Tensor = self.reduce_dim(self.tokenizer(neighborhoods))
         return out
+
+    def tokenize(self, xyz: Tensor, *, generator: torch.Generator | None = None) -> PointTokens:
+        """Groups clouds (B, N, 3) and embeds the patches -> (groups, tokens (B, G, D))."""
+        groups = self.group(xyz, generator=generator)
+        return PointTokens(groups, self.embed(groups.neighborhoods))
 
     def forward(
         self,
@@ -91,6 +112,7 @@ class PointViT(PointEncoder):
         keep: Tensor | None = None,
         replace: Tensor | None = None,
         return_layers: Sequence[int] = (),
+        contexts: Sequence[Any] | None = None,
     ) -> EncoderOutput:
         """Runs the transformer over patch tokens.
 
@@ -101,6 +123,7 @@ class PointViT(PointEncoder):
             replace: optional bool (B, G); True tokens become the mask token before any ``keep``
                 selection (BERT style); needs ``spec.mask_token``.
             return_layers: block indices (negative counts from the end) whose raw outputs are returned.
+            contexts: one context per block for the blocks' adapters.
 
         Returns:
             :class:`EncoderOutput` with tokens (B, G', D), centres (B, G', 3), CLS (B, D) or None, and the
@@ -111,15 +134,15 @@ class PointViT(PointEncoder):
                 index out of range.
         """
         batch, num_groups, dim = self._check_inputs(tokens, centers)
-        layer_ids = self._resolve_layers(return_layers)
+        layer_ids = resolve_layers(return_layers, self.spec.depth)
         x = tokens
         if replace is not None:
             if self.mask_token is None:
                 raise ValueError("replace= needs an encoder spec with mask_token=True")
-            self._check_mask("replace", replace, batch, num_groups)
+            check_token_mask("replace", replace, batch, num_groups)
             x = torch.where(replace.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         if keep is not None:
-            self._check_mask("keep", keep, batch, num_groups)
+            check_token_mask("keep", keep, batch, num_groups)
             counts = keep.sum(dim=1)
             if bool((counts != counts[0]).any()):
                 raise ValueError(f"keep must select the same number of tokens per row, got {counts.tolist()}")
@@ -131,11 +154,15 @@ class PointViT(PointEncoder):
             prefix = 1
             x = torch.cat([self.cls_token.expand(batch, -1, -1).to(x.dtype), x], dim=1)
             pos = torch.cat([self.cls_pos.expand(batch, -1, -1).to(pos.dtype), pos], dim=1)
-        captured: dict[int, Tensor] = {}
-        for i, block in enumerate(self.blocks):
-            x = block(x + pos)
-            if i in layer_ids:
-                captured[i] = x[:, prefix:]
+        x, captured = run_blocks(
+            self.blocks,
+            x,
+            pos,
+            pos_every_block=self.spec.pos_every_block,
+            contexts=contexts,
+            capture=layer_ids,
+            skip=prefix,
+        )
         x = self.norm(x)
         return EncoderOutput(
             tokens=x[:, prefix:],
@@ -156,20 +183,3 @@ class PointViT(PointEncoder):
                 f"got {tuple(centers.shape)}"
             )
         return batch, num_groups, dim
-
-    @staticmethod
-    def _check_mask(name: str, mask: Tensor, batch: int, num_groups: int) -> None:
-        if mask.dtype != torch.bool or mask.shape != (batch, num_groups):
-            raise ValueError(
-                f"{name} must be a bool tensor of shape ({batch}, {num_groups}), "
-                f"got {mask.dtype} {tuple(mask.shape)}"
-            )
-
-    def _resolve_layers(self, return_layers: Sequence[int]) -> list[int]:
-        depth = self.spec.depth
-        resolved = []
-        for i in return_layers:
-            if not -depth <= i < depth:
-                raise ValueError(f"return_layers index {i} out of range for depth {depth}")
-            resolved.append(i % depth)
-        return resolved

@@ -1,27 +1,30 @@
 """Shared orchestration for pre-training methods.
 
-:class:`PretrainModule` owns the encoder (built from an :class:`~pretrain.encoders.spec.EncoderSpec`), the
-official optimiser recipe (AdamW with the Point-BERT/Point-MAE no-decay rule, per-step cosine schedule with
-linear warmup), per-step seeded random generators (no global random state for masks), the metadata that makes
-a Lightning checkpoint exportable (``checkpoint["pcpt"]``) and :meth:`export_encoder`. Methods subclass it and
-implement ``training_step``; the math lives in ``pretrain.ops``, ``pretrain.nn`` and the loss functions.
+:class:`PretrainModule` owns what every method needs and nothing method-specific: the encoder it trains
+(built from its family's spec), the injected optimiser and learning-rate schedule (LightningCLI callables,
+wired by ``pretrain.optim.configure_optimization``), per-step seeded random generators, the data contract,
+the metadata that makes a Lightning checkpoint exportable (``checkpoint["pcpt"]``) and the artifact export.
+A method subclasses it, names the module it exports (:attr:`exported_module`, ``"encoder"`` by default) and
+implements ``training_step``; the maths lives in ``pretrain.ops``, ``pretrain.nn`` and ``pretrain.losses``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
 
-from pretrain.checkpoint import git_sha, save_encoder
-from pretrain.encoders import build_encoder
-from pretrain.encoders.base import PointEncoder
-from pretrain.encoders.spec import DataContract, EncoderSpec
-from pretrain.training import configure_adamw_cosine, epochs_trained, seed_step_randomness, seeded_generator
+from pretrain.artifacts import save_module_artifact
+from pretrain.checkpoint import CKPT_META_KEY, lightning_ckpt_meta
+from pretrain.encoders import DataContract, EncoderSpec, PointEncoder, build_encoder, spec_from_dict
+from pretrain.optim import AdamW, configure_optimization
+from pretrain.schedules import WarmupCosineLR
+from pretrain.training import epochs_trained, seed_step_randomness, seeded_generator
 
 __all__ = ["PretrainModule"]
 
@@ -30,51 +33,39 @@ class PretrainModule(pl.LightningModule):
     """Base LightningModule of every pcpt pre-training method.
 
     Args:
-        encoder: architecture of the encoder being pre-trained (``None`` for methods that train no
-            point encoder, such as the Point-BERT tokenizer; they override :meth:`write_artifact`).
-        lr: peak learning rate of AdamW.
-        weight_decay: decoupled weight decay (not applied to 1-D parameters, biases and ``*token*``).
-        warmup_epochs: linear warmup length in epochs (converted to optimizer steps).
-        min_lr: final learning rate of the cosine schedule.
-        warmup_init_lr: learning rate at step 0.
+        encoder: spec of the encoder being pre-trained (any registered family the method supports), or None
+            for methods that train no point encoder (the Point-BERT dVAE; they set :attr:`exported_module`).
+        optimizer: parameter groups -> optimiser (default: AdamW, lr 1e-3, weight decay 0.05; no decay on
+            1-D parameters, biases and tokens).
+        lr_scheduler: optimiser -> schedule, stepped every optimiser step (default: linear warmup over 10
+            epochs, then cosine to 1e-6, sized from the data); None keeps the learning rate constant.
         num_points: points per cloud; recorded in the artifact's data contract.
         normalization: cloud normalisation the data uses; recorded in the data contract.
-        seed: base seed of the per-step mask generators.
+        seed: base seed of the per-step random draws (masks, noise, dropout, drop-path).
     """
 
-    method_name: str = "pretrain"
+    method_name: ClassVar[str] = "pretrain"
+    #: attribute holding the module the method hands to the next stage (written as its artifact).
+    exported_module: ClassVar[str] = "encoder"
 
     def __init__(
         self,
         encoder: EncoderSpec | None,
         *,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        warmup_epochs: float = 10.0,
-        min_lr: float = 1e-6,
-        warmup_init_lr: float = 1e-6,
+        optimizer: OptimizerCallable = AdamW,
+        lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
         num_points: int = 1024,
-        normalization: str = "unit_sphere",
+        normalization: Literal["unit_sphere", "none"] = "unit_sphere",
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
-        self.encoder_spec: EncoderSpec | None = (
-            encoder if encoder is None or isinstance(encoder, EncoderSpec) else EncoderSpec.from_dict(encoder)
-        )
-        if self.encoder_spec is not None:  # None: the method trains something else (e.g. a tokenizer)
-            self.encoder: PointEncoder = build_encoder(self.encoder_spec)
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.warmup_epochs = warmup_epochs
-        self.min_lr = min_lr
-        self.warmup_init_lr = warmup_init_lr
-        self.num_points = num_points
-        self.normalization = normalization
-        self.seed = seed
+        if encoder is not None and not isinstance(encoder, EncoderSpec):
+            encoder = spec_from_dict(encoder)
+        self.encoder_spec: EncoderSpec | None = encoder
+        if encoder is not None:
+            self.encoder: PointEncoder = build_encoder(encoder)
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.num_points, self.normalization, self.seed = num_points, normalization, seed
         self.fps_ordered_data = False
         self.provenance_extra: dict[str, Any] = {}
 
@@ -93,15 +84,8 @@ class PretrainModule(pl.LightningModule):
 
     # --------------------------------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> Any:
-        """AdamW over the official decay / no-decay groups and a per-step warmup + cosine schedule."""
-        return configure_adamw_cosine(
-            self,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            warmup_epochs=self.warmup_epochs,
-            min_lr=self.min_lr,
-            warmup_init_lr=self.warmup_init_lr,
-        )
+        """The injected optimiser over the decay / no-decay groups and its per-step schedule."""
+        return configure_optimization(self, self.optimizer, self.lr_scheduler)
 
     # ------------------------------------------------------------------------------------ data contract
     def setup(self, stage: str) -> None:
@@ -110,65 +94,50 @@ class PretrainModule(pl.LightningModule):
         contract = getattr(datamodule, "data_contract", None)
         if isinstance(contract, Mapping):
             self.num_points = int(contract.get("num_points", self.num_points))
-            self.normalization = str(contract.get("normalization", self.normalization))
+            self.normalization = contract.get("normalization", self.normalization)
             self.fps_ordered_data = bool(contract.get("fps_order", False))
 
     @property
     def data_contract(self) -> DataContract:
-        """Preprocessing the encoder is trained with (stored in the artifact)."""
-        normalization: Literal["unit_sphere", "none"] = (
-            "unit_sphere" if self.normalization == "unit_sphere" else "none"
-        )
+        """Preprocessing the exported module is trained with (stored in the artifact)."""
         return DataContract(
-            num_points=self.num_points, normalization=normalization, fps_order=self.fps_ordered_data
+            num_points=self.num_points, normalization=self.normalization, fps_order=self.fps_ordered_data
         )
 
-    def pcpt_metadata(self) -> dict[str, Any]:
-        """Plain-data description written into every Lightning checkpoint under ``"pcpt"``."""
-        return {
-            "method": self.method_name,
-            **self.exported_module_metadata(),
-            "data_contract": self.data_contract.to_dict(),
-            "config_sha256": self.provenance_extra.get("config_sha256"),
-            "data_manifest_sha256": self.provenance_extra.get("data_manifest_sha256"),
-        }
-
-    def exported_module_metadata(self) -> dict[str, Any]:
-        """What ``pcpt-pretrain export`` rebuilds: artifact ``kind``, spec and weights' ``encoder_prefix``."""
-        return {
-            "kind": "point_encoder",
-            "encoder_spec": None if self.encoder_spec is None else self.encoder_spec.to_dict(),
-            "encoder_prefix": "encoder.",
-        }
+    # ------------------------------------------------------------------------------------------- export
+    def exported(self) -> nn.Module:
+        """The module this method hands to the next stage (``getattr(self, exported_module)``)."""
+        module = getattr(self, self.exported_module, None)
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"{type(self).__name__} has no module {self.exported_module!r} to export")
+        return module
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Stores :meth:`pcpt_metadata` so ``pcpt-pretrain export`` can rebuild the encoder from the ckpt."""
-        checkpoint["pcpt"] = self.pcpt_metadata()
+        """Stores what ``pcpt-pretrain export`` needs to rebuild the exported module from the checkpoint."""
+        checkpoint[CKPT_META_KEY] = lightning_ckpt_meta(
+            method=self.method_name,
+            module=self.exported(),
+            prefix=f"{self.exported_module}.",
+            data_contract=self.data_contract,
+            config_sha256=self.provenance_extra.get("config_sha256"),
+            data_manifest_sha256=self.provenance_extra.get("data_manifest_sha256"),
+        )
 
     def export_encoder(self, out_dir: str | Path, **provenance: Any) -> Path:
-        """Writes the method's artifact (:meth:`write_artifact`) with the provenance of this run.
+        """Writes the exported module as an artifact with the provenance of this run.
 
         Args:
             out_dir: artifact directory.
-            **provenance: fields that override the collected ones (method, step, epoch, git commit, ...).
+            **provenance: fields that override the collected ones (method, step, epoch, ...).
         """
         info = {
             "method": self.method_name,
             "step": int(self.global_step),
             "epoch": epochs_trained(self._trainer) if self._trainer is not None else 0,
-            "git_sha": git_sha(),
             **{k: v for k, v in self.provenance_extra.items() if v is not None},
             **provenance,
         }
-        return self.write_artifact(out_dir, info)
-
-    def write_artifact(self, out_dir: str | Path, provenance: Mapping[str, Any]) -> Path:
-        """Writes the encoder artifact (``encoder.safetensors`` + ``encoder.json``) to ``out_dir``.
-
-        Methods that train something other than a point encoder override this (and
-        :meth:`exported_module_metadata`).
-        """
-        return save_encoder(out_dir, self.encoder, data=self.data_contract, provenance=provenance)
+        return save_module_artifact(out_dir, self.exported(), data=self.data_contract, provenance=info)
 
     @staticmethod
     def batch_points(batch: Any) -> Tensor:

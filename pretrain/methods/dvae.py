@@ -4,30 +4,28 @@ group (FPS + kNN) → mini-PointNet → DGCNN logits over the codebook → Gumbe
 1 → 1/16 over 100k iterations) → codebook → DGCNN → folding decoder → Chamfer-L1 (coarse) + Chamfer-L1 (fine)
 + w(it)·KL(u ‖ q̄) (w = 0 for 10k iterations, then a cosine ramp to 0.1 over 100k). The per-iteration schedules
 read ``global_step``, so a resumed run continues them where it stopped. The end of ``fit`` writes a
-``dvae_tokenizer`` artifact (``pretrain.tokenizers``), the input of
+``dvae_tokenizer`` artifact (``pretrain.dvae``), the input of
 :class:`~pretrain.methods.point_bert.PointBERT`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from pretrain.losses import dvae_kl_uniform
-from pretrain.methods.base import PretrainModule
-from pretrain.schedules import cosine_ramp
-from pretrain.tokenizer_eval import (
+from pretrain.dvae import DiscreteVAE, DVAESpec
+from pretrain.dvae_eval import (
     code_counts,
     code_perplexity,
     hard_code_batch_metrics,
     reconstruction_losses,
     validation_noise_seed,
 )
-from pretrain.tokenizers import TOKENIZER_KIND, DiscreteVAE, DVAESpec, save_tokenizer
+from pretrain.losses import dvae_kl_uniform
+from pretrain.methods.base import PretrainModule
+from pretrain.schedules import cosine_ramp
 from pretrain.training import derive_seed
 
 __all__ = ["PointDVAE"]
@@ -47,17 +45,12 @@ class PointDVAE(PretrainModule):
         kl_start_it: iteration where the KL weight starts to ramp (10k).
         kl_ramp_iters: length of the KL weight cosine ramp (100k).
         kl_weight_max: final KL weight (0.1).
-        lr: peak learning rate of AdamW (5e-4).
-        weight_decay: AdamW weight decay (5e-4).
-        warmup_epochs: linear warmup epochs (10).
-        min_lr: final learning rate.
-        warmup_init_lr: learning rate at step 0.
-        num_points: points per cloud (data contract).
-        normalization: cloud normalisation (data contract).
-        seed: base seed of the per-step Gumbel noise.
+        **kwargs: optimiser (official: AdamW lr 5e-4, weight decay 5e-4), schedule (10 warmup epochs), data
+            contract and seed of the per-step Gumbel noise (see :class:`PretrainModule`).
     """
 
     method_name = "PointDVAE"
+    exported_module = "dvae"
 
     def __init__(
         self,
@@ -69,29 +62,12 @@ class PointDVAE(PretrainModule):
         kl_start_it: int = 10_000,
         kl_ramp_iters: int = 100_000,
         kl_weight_max: float = 0.1,
-        lr: float = 5e-4,
-        weight_decay: float = 5e-4,
-        warmup_epochs: float = 10.0,
-        min_lr: float = 1e-6,
-        warmup_init_lr: float = 1e-6,
-        num_points: int = 1024,
-        normalization: str = "unit_sphere",
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         spec = dvae if dvae is not None else DVAESpec()
         if not isinstance(spec, DVAESpec):
             spec = DVAESpec.from_dict(spec)
-        super().__init__(
-            None,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup_epochs=warmup_epochs,
-            min_lr=min_lr,
-            warmup_init_lr=warmup_init_lr,
-            num_points=num_points,
-            normalization=normalization,
-            seed=seed,
-        )
+        super().__init__(None, **kwargs)
         if not (temperature_start > 0 and temperature_end > 0):
             raise ValueError(f"temperatures must be > 0, got {temperature_start} and {temperature_end}")
         if temperature_iters < 1 or kl_ramp_iters < 1 or kl_start_it < 0:
@@ -101,7 +77,7 @@ class PointDVAE(PretrainModule):
             )
         if kl_weight_max < 0:
             raise ValueError(f"kl_weight_max must be >= 0, got {kl_weight_max}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.dvae_spec = spec
         self.dvae = DiscreteVAE(spec)
         self.temperature_start, self.temperature_end = temperature_start, temperature_end
@@ -212,16 +188,3 @@ class PointDVAE(PretrainModule):
         self.log_dict({f"val/{name}": value for name, value in metrics.items()}, batch_size=points.shape[0],
                       sync_dist=True)  # fmt: skip
         return metrics["loss_recon"]
-
-    # ---------------------------------------------------------------------------------------- handoff
-    def exported_module_metadata(self) -> dict[str, Any]:
-        """Kind ``dvae_tokenizer``, the spec and the weights' prefix (``dvae.``) in ``checkpoint["pcpt"]``."""
-        return {
-            "kind": TOKENIZER_KIND,
-            "tokenizer_spec": self.dvae_spec.to_dict(),
-            "encoder_prefix": "dvae.",
-        }
-
-    def write_artifact(self, out_dir: str | Path, provenance: Mapping[str, Any]) -> Path:
-        """Writes the ``dvae_tokenizer`` artifact (called by ``pcpt-pretrain fit`` after training)."""
-        return save_tokenizer(out_dir, self.dvae, data=self.data_contract, provenance=provenance)

@@ -23,13 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.encoders.spec import EncoderSpec
+from pretrain.dvae import load_dvae
+from pretrain.encoders import PointViT, PointViTSpec
 from pretrain.losses import masked_token_ce, mixup_contrastive_loss, moco_loss
 from pretrain.methods.base import PretrainModule
-from pretrain.nn.tokenizer import MiniPointNet
 from pretrain.ops import block_group_mask
 from pretrain.ops.grouping import PatchGroups
-from pretrain.tokenizers import load_tokenizer
 
 __all__ = ["PointBERT", "enqueue_keys", "mix_patches"]
 
@@ -80,9 +79,9 @@ class PointBERT(PretrainModule):
     """Masked point modelling against dVAE token ids, with the point-patch mixing contrast.
 
     Args:
-        encoder: encoder architecture; needs ``cls_token``, ``mask_token``, the tokenizer's group settings
-            and ``tokenizer_dim`` (its mini-PointNet starts from the dVAE's, as in the official code).
-        tokenizer: path of the ``dvae_tokenizer`` artifact (stage 1); loaded strictly and frozen.
+        encoder: encoder architecture; needs ``cls_token``, ``mask_token``, the dVAE's group settings and
+            ``tokenizer_dim`` (its point tokenizer's mini-PointNet starts from the dVAE's, as officially).
+        dvae: path of the ``dvae_tokenizer`` artifact (stage 1); loaded strictly and frozen.
         mask_type: ``"block"`` (official: the patches nearest a random centre) or ``"rand"`` (official
             ``mask_rand``: one ratio per batch, each patch masked independently with that probability).
         mask_ratio: ``(lo, hi)``: masked fraction drawn from ``U(lo, hi)``.
@@ -92,24 +91,19 @@ class PointBERT(PretrainModule):
         temperature: contrastive temperature T (0.07).
         mixup: run the point-patch mixing branch (its token loss and contrastive loss; official: on).
         moco: add the plain MoCo term (official: off).
-        lr: peak learning rate (5e-4).
-        weight_decay: AdamW weight decay (0.05).
-        warmup_epochs: linear warmup epochs (3).
-        min_lr: final learning rate.
-        warmup_init_lr: learning rate at step 0.
-        num_points: points per cloud (data contract).
-        normalization: cloud normalisation (data contract).
-        seed: base seed of masks, mixing and the queue's initial values.
+        **kwargs: optimiser (official: AdamW lr 5e-4, weight decay 0.05), schedule (3 warmup epochs), data
+            contract and seed of masks, mixing and the queue's initial values (see :class:`PretrainModule`).
     """
 
     method_name = "PointBERT"
+    encoder: PointViT
     queue: Tensor
     queue_ptr: Tensor
 
     def __init__(
         self,
-        encoder: EncoderSpec,
-        tokenizer: str,
+        encoder: PointViTSpec,
+        dvae: str,
         *,
         mask_type: Literal["block", "rand"] = "block",
         mask_ratio: tuple[float, float] = (0.25, 0.45),
@@ -119,27 +113,12 @@ class PointBERT(PretrainModule):
         temperature: float = 0.07,
         mixup: bool = True,
         moco: bool = False,
-        lr: float = 5e-4,
-        weight_decay: float = 0.05,
-        warmup_epochs: float = 3.0,
-        min_lr: float = 1e-6,
-        warmup_init_lr: float = 1e-6,
-        num_points: int = 1024,
-        normalization: str = "unit_sphere",
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            encoder,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup_epochs=warmup_epochs,
-            min_lr=min_lr,
-            warmup_init_lr=warmup_init_lr,
-            num_points=num_points,
-            normalization=normalization,
-            seed=seed,
-        )
-        self.save_hyperparameters()
+        super().__init__(encoder, **kwargs)
+        if not isinstance(self.encoder, PointViT):
+            raise ValueError(f"PointBERT trains a point_vit encoder, got arch {encoder.arch!r}")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         lo, hi = (float(r) for r in mask_ratio)
         if not 0.0 <= lo <= hi <= 1.0 or hi == 0.0:
             raise ValueError(f"mask_ratio must satisfy 0 <= lo <= hi <= 1 with hi > 0, got {mask_ratio!r}")
@@ -150,15 +129,11 @@ class PointBERT(PretrainModule):
             )
         self.mask_type, self.mask_ratio = mask_type, (lo, hi)
         self.momentum, self.temperature, self.mixup, self.moco = momentum, temperature, mixup, moco
-        self.dvae, _ = load_tokenizer(tokenizer)
+        self.dvae, _ = load_dvae(dvae)
         self.dvae.requires_grad_(False).eval()
         self._check_compatible(self.encoder.spec)
-        patch_embed = getattr(self.encoder, "tokenizer", None)
-        if not isinstance(patch_embed, MiniPointNet):
-            raise ValueError(
-                f"encoder arch {self.encoder.spec.arch!r} has no mini-PointNet 'tokenizer' to initialise"
-            )
-        patch_embed.load_state_dict(self.dvae.encoder.state_dict())  # the official _prepare_encoder
+        # the official _prepare_encoder: the point tokenizer's mini-PointNet starts as the dVAE's encoder
+        self.encoder.tokenizer.load_state_dict(self.dvae.encoder.state_dict())
         dim = self.encoder.spec.embed_dim
         self.lm_head = nn.Linear(dim, self.dvae.spec.codebook_size)
         self.cls_head = nn.Sequential(nn.Linear(dim, proj_dim), nn.GELU(), nn.Linear(proj_dim, proj_dim))
@@ -168,11 +143,11 @@ class PointBERT(PretrainModule):
                 nn.init.zeros_(layer.bias)
         self.momentum_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.momentum_cls_head = copy.deepcopy(self.cls_head).requires_grad_(False)
-        init = torch.randn(proj_dim, queue_size, generator=torch.Generator().manual_seed(seed))
+        init = torch.randn(proj_dim, queue_size, generator=torch.Generator().manual_seed(self.seed))
         self.register_buffer("queue", F.normalize(init, dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
-    def _check_compatible(self, spec: EncoderSpec) -> None:
+    def _check_compatible(self, spec: PointViTSpec) -> None:
         tok = self.dvae.spec
         if not (spec.cls_token and spec.mask_token):
             raise ValueError("PointBERT needs an encoder spec with cls_token=True and mask_token=True")

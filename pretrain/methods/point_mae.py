@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from pretrain.encoders.spec import EncoderSpec
+from pretrain.encoders import PointViT, PointViTSpec
 from pretrain.methods.base import PretrainModule
 from pretrain.nn.mae_decoder import MAEDecoder
 from pretrain.ops import block_group_mask, chamfer_distance, random_group_mask
@@ -24,21 +24,22 @@ class PointMAE(PretrainModule):
     """Masked autoencoding of point patches.
 
     Args:
-        encoder: encoder architecture (the official size is ``EncoderSpec()``).
+        encoder: encoder architecture (the official size is ``PointViTSpec()``).
         mask_ratio: fraction of patches masked, ``int(mask_ratio * G)`` per sample.
         mask_type: ``"rand"`` (uniform, official) or ``"block"`` (nearest patches to a random centre).
         decoder_depth: decoder blocks.
         decoder_num_heads: decoder attention heads (default: the encoder's).
         decoder_drop_path: stochastic depth of the decoder.
         loss: ``"cdl2"`` (official) or ``"cdl1"`` Chamfer variant.
-        **kwargs: optimiser / schedule / data-contract arguments of :class:`PretrainModule`.
+        **kwargs: optimiser, schedule, data contract and seed (see :class:`PretrainModule`).
     """
 
     method_name = "PointMAE"
+    encoder: PointViT
 
     def __init__(
         self,
-        encoder: EncoderSpec,
+        encoder: PointViTSpec,
         *,
         mask_ratio: float = 0.6,
         mask_type: Literal["rand", "block"] = "rand",
@@ -46,33 +47,18 @@ class PointMAE(PretrainModule):
         decoder_num_heads: int | None = None,
         decoder_drop_path: float = 0.1,
         loss: Literal["cdl2", "cdl1"] = "cdl2",
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        warmup_epochs: float = 10.0,
-        min_lr: float = 1e-6,
-        warmup_init_lr: float = 1e-6,
-        num_points: int = 1024,
-        normalization: str = "unit_sphere",
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            encoder,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup_epochs=warmup_epochs,
-            min_lr=min_lr,
-            warmup_init_lr=warmup_init_lr,
-            num_points=num_points,
-            normalization=normalization,
-            seed=seed,
-        )
+        super().__init__(encoder, **kwargs)
+        if not isinstance(self.encoder, PointViT):
+            raise ValueError(f"PointMAE trains a point_vit encoder, got arch {encoder.arch!r}")
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         if int(mask_ratio * self.encoder.spec.num_groups) < 1:
             raise ValueError(
                 f"mask_ratio={mask_ratio} masks no patch of num_groups={self.encoder.spec.num_groups}"
             )
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.mask_ratio = mask_ratio
         self.mask_type = mask_type
         self.loss_variant: Literal["l1", "l2"] = "l2" if loss == "cdl2" else "l1"

@@ -1,17 +1,31 @@
 """Layers shared by pcpt encoders and methods: transformer blocks, mini-PointNet, positional embeddings."""
 
 from pretrain.nn.mae_decoder import MAEDecoder
+from pretrain.nn.pointnet import MiniPointNet
 from pretrain.nn.pos_embed import CenterPosEmbed
-from pretrain.nn.tokenizer import MiniPointNet
-from pretrain.nn.transformer import Attention, Block, DropPath, Mlp, drop_path_rates
+from pretrain.nn.transformer import (
+    Attention,
+    Block,
+    BlockOptions,
+    CrossAttention,
+    CrossAttentionBlock,
+    DropPath,
+    Mlp,
+    drop_path_rates,
+    run_blocks,
+)
 
 __all__ = [
     "Attention",
     "Block",
+    "BlockOptions",
     "CenterPosEmbed",
+    "CrossAttention",
+    "CrossAttentionBlock",
     "DropPath",
     "MAEDecoder",
     "MiniPointNet",
     "Mlp",
     "drop_path_rates",
+    "run_blocks",
 ]

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from pretrain.nn.pos_embed import CenterPosEmbed
-from pretrain.nn.transformer import Block, drop_path_rates
+from pretrain.nn.transformer import Block, drop_path_rates, run_blocks
 
 __all__ = ["MAEDecoder"]
 
@@ -78,7 +78,6 @@ class MAEDecoder(nn.Module):
         batch, num_masked, _ = masked_centers.shape
         x = torch.cat([visible, self.mask_token.expand(batch, num_masked, -1).to(visible.dtype)], dim=1)
         pos = self.pos_embed(torch.cat([visible_centers, masked_centers], dim=1))
-        for block in self.blocks:
-            x = block(x + pos)
+        x, _ = run_blocks(self.blocks, x, pos)
         out = self.head(self.norm(x[:, -num_masked:]))
         return out.reshape(batch, num_masked, self.group_size, 3)

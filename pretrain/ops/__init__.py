@@ -1,4 +1,4 @@
-"""Exact geometric ops in pure torch: FPS, kNN, patch grouping, masks and Chamfer distance.
+"""Exact geometric ops in pure torch: FPS, kNN, patch grouping, masks, Chamfer distance and batch transforms.
 
 Batched and channels-last (``xyz (B, N, 3)``, features ``(B, N, C)``, indices ``(B, S)`` long), CPU and
 CUDA, explicit ``torch.Generator`` wherever randomness is drawn. They reproduce the custom CUDA ops of
@@ -10,6 +10,7 @@ from pretrain.ops.grouping import PatchGroups, gather_points, group_points
 from pretrain.ops.masking import block_group_mask, random_group_mask, split_by_mask
 from pretrain.ops.neighbors import knn, pairwise_sqdist
 from pretrain.ops.sampling import farthest_point_sample
+from pretrain.ops.transforms import normalize_unit_sphere, random_point_subset, scale_and_translate
 
 __all__ = [
     "PatchGroups",
@@ -20,7 +21,10 @@ __all__ = [
     "group_points",
     "knn",
     "nearest_sqdist",
+    "normalize_unit_sphere",
     "pairwise_sqdist",
     "random_group_mask",
+    "random_point_subset",
+    "scale_and_translate",
     "split_by_mask",
 ]

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.encoders.spec import DataContract, EncoderSpec
+from pretrain.artifacts import save_module_artifact
+from pretrain.dvae import DiscreteVAE, DVAESpec
+from pretrain.encoders.spec import DataContract, PointViTSpec
 from pretrain.methods.point_bert import PointBERT
 from pretrain.methods.point_mae import PointMAE
-from pretrain.tokenizers import DiscreteVAE, DVAESpec, save_tokenizer
 from tests.cli_helpers import REPO
 from tests.pretrain import dvae_reference as dref
 
@@ -38,7 +39,7 @@ def test_naive_fps_is_farthest_point_order() -> None:
 
 def test_naive_point_mae_computes_the_same_loss_and_gradients() -> None:
     torch.manual_seed(0)
-    spec = EncoderSpec.named("tiny", num_groups=16, group_size=8, tokenizer_dim=16, drop_path=0.0)
+    spec = PointViTSpec.named("tiny", num_groups=16, group_size=8, tokenizer_dim=16, drop_path=0.0)
     model = PointMAE(spec, mask_ratio=0.6, decoder_depth=1).train()
     naive = make_naive(copy.deepcopy(model))
     points = _clouds(3)
@@ -56,9 +57,9 @@ def test_naive_point_mae_computes_the_same_loss_and_gradients() -> None:
 
 def test_naive_point_bert_patches_every_encoder_and_tokenizer(tmp_path: Path) -> None:
     dvae = dref.randomize_dvae(DiscreteVAE(DVAESpec(**dref.TINY_SPEC)), seed=1)
-    tokenizer = save_tokenizer(tmp_path / "tok", dvae, data=DataContract(num_points=64), provenance={})
+    tokenizer = save_module_artifact(tmp_path / "tok", dvae, data=DataContract(num_points=64), provenance={})
     torch.manual_seed(0)
-    spec = EncoderSpec.named("tiny", num_groups=16, group_size=8, tokenizer_dim=16, cls_token=True,
+    spec = PointViTSpec.named("tiny", num_groups=16, group_size=8, tokenizer_dim=16, cls_token=True,
                              mask_token=True, drop_path=0.0)  # fmt: skip
     model = PointBERT(spec, str(tokenizer), queue_size=10, proj_dim=8).train()
     naive = make_naive(copy.deepcopy(model))

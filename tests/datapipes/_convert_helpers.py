@@ -78,3 +78,22 @@ def unit_sphere(xyz: np.ndarray) -> np.ndarray:
 def sorted_rows(xyz: np.ndarray) -> np.ndarray:
     arr = np.asarray(xyz, dtype=np.float64)
     return arr[np.lexsort(arr.T[::-1])]
+
+
+def write_mesh_tree(src: Path, *, train: int, test: int) -> Path:
+    """A ModelNet-like ``<class>/{train,test}/*.off`` tree of three open3d shapes plus one broken file."""
+    import open3d as o3d
+
+    shapes = {
+        "box": o3d.geometry.TriangleMesh.create_box(1.0, 2.0, 0.5),
+        "ball": o3d.geometry.TriangleMesh.create_sphere(resolution=6),
+        "cone": o3d.geometry.TriangleMesh.create_cone(),
+    }
+    for c, mesh in shapes.items():
+        for split, count in (("train", train), ("test", test)):
+            (src / c / split).mkdir(parents=True)
+            for i in range(count):
+                mesh.scale(1.1, center=(0, 0, 0))
+                assert o3d.io.write_triangle_mesh(str(src / c / split / f"{c}_{split}{i}.off"), mesh)
+    (src / "box" / "train" / "box_broken.off").write_text("OFF\n8 12 0\n")
+    return src

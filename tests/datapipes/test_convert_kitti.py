@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,8 @@ def test_kitti_frames(tmp_path: Path) -> None:
 
     out = tmp_path / "out"
     assert convert_cli("kitti", src, out) == 0
+    fields = json.loads((out / "manifest.json").read_text())["fields"]
+    assert fields["feat"] == {"dtype": "float32", "shape": ["N", 1], "channels": ["intensity"]}
     train, test = read_split(out, "train"), read_split(out, "test")
     assert set(test) == {"testing_000007"}
     assert set(train) == set(layout) - {"testing_000007"}

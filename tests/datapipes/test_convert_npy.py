@@ -180,8 +180,13 @@ def test_shapenet55_missing_lists(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_chunk_processing_equals_one_at_a_time(
     npy_tree: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
 ) -> None:
-    from datapipes.converters import get_converter, process_item, process_items
-    from datapipes.converters.base import ConvertOptions, resolve_options
+    from datapipes.converters import (
+        ConvertOptions,
+        get_converter,
+        process_item,
+        process_items,
+        resolve_options,
+    )
 
     src, _ = npy_tree
     extra = src / "bench" / "train"

@@ -22,13 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import open3d as o3d
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from datapipes.converters import get_converter
-from datapipes.converters.base import ConvertOptions, WorkItem, is_rejection, process_items, resolve_options
+from datapipes.converters import (
+    ConvertOptions,
+    WorkItem,
+    get_converter,
+    is_rejection,
+    process_items,
+    resolve_options,
+)
 from datapipes.converters.npy import NpyTree
 from datapipes.errors import UserError
 from datapipes.geometry import normalize_unit_sphere
@@ -41,6 +46,7 @@ from tests.datapipes._convert_helpers import (
     read_rejected,
     read_split,
     rejected_by_source,
+    write_mesh_tree,
 )
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -293,9 +299,9 @@ def test_unexpected_errors_become_rejections_but_fatal_ones_end_the_run(
 def test_errors_after_reading_reject_only_their_item(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     np.save(tmp_path / "ok.npy", _cloud(0))
     items = [_item(tmp_path / "ok.npy", "a"), _item(tmp_path / "ok.npy", "b")]
-    import datapipes.converters.base as base
+    import datapipes.converters.process as process
 
-    real = base.estimate_normals_curvature
+    real = process.estimate_normals_curvature
     calls: list[int] = []
 
     def flaky(xyz: np.ndarray, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -304,7 +310,7 @@ def test_errors_after_reading_reject_only_their_item(tmp_path: Path, monkeypatch
             raise RuntimeError("open3d failed")
         return real(xyz, **kwargs)
 
-    monkeypatch.setattr(base, "estimate_normals_curvature", flaky)
+    monkeypatch.setattr(process, "estimate_normals_curvature", flaky)
     results = process_items(items, replace(_options(tmp_path), normals=True))
     assert "normal" in results[0]
     assert results[1]["reason"] == "processing failed: RuntimeError: open3d failed"
@@ -385,20 +391,7 @@ def test_a_second_writer_on_the_same_folder_is_refused(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def mesh_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = tmp_path_factory.mktemp("reliability") / "ModelNet"
-    shapes = {
-        "box": o3d.geometry.TriangleMesh.create_box(1.0, 2.0, 0.5),
-        "ball": o3d.geometry.TriangleMesh.create_sphere(resolution=6),
-        "cone": o3d.geometry.TriangleMesh.create_cone(),
-    }
-    for c, mesh in shapes.items():
-        for split, count in (("train", 6), ("test", 2)):
-            (src / c / split).mkdir(parents=True)
-            for i in range(count):
-                mesh.scale(1.1, center=(0, 0, 0))
-                assert o3d.io.write_triangle_mesh(str(src / c / split / f"{c}_{split}{i}.off"), mesh)
-    (src / "box" / "train" / "box_broken.off").write_text("OFF\n8 12 0\n")
-    return src
+    return write_mesh_tree(tmp_path_factory.mktemp("reliability") / "ModelNet", train=6, test=2)
 
 
 SLOW_ARGS = (

@@ -10,13 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import open3d as o3d
 import pytest
 
-from datapipes.converters import get_converter
-from datapipes.converters.base import ConvertOptions, ConvertReport, convert, resolve_options
+from datapipes.converters import ConvertOptions, ConvertReport, convert, get_converter, resolve_options
 from datapipes.engines import LocalEngine
-from tests.datapipes._convert_helpers import convert_cli, read_rejected, shard_bytes
+from tests.datapipes._convert_helpers import convert_cli, read_rejected, shard_bytes, write_mesh_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ("--points", "256", "--shard-size", "2")
@@ -24,20 +22,7 @@ ARGS = ("--points", "256", "--shard-size", "2")
 
 @pytest.fixture(scope="module")
 def mesh_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = tmp_path_factory.mktemp("resume") / "ModelNet"
-    shapes = {
-        "box": o3d.geometry.TriangleMesh.create_box(1.0, 2.0, 0.5),
-        "ball": o3d.geometry.TriangleMesh.create_sphere(resolution=6),
-        "cone": o3d.geometry.TriangleMesh.create_cone(),
-    }
-    for c, mesh in shapes.items():
-        for split, count in (("train", 5), ("test", 2)):
-            (src / c / split).mkdir(parents=True)
-            for i in range(count):
-                mesh.scale(1.1, center=(0, 0, 0))
-                assert o3d.io.write_triangle_mesh(str(src / c / split / f"{c}_{split}{i}.off"), mesh)
-    (src / "box" / "train" / "box_broken.off").write_text("OFF\n8 12 0\n")
-    return src
+    return write_mesh_tree(tmp_path_factory.mktemp("resume") / "ModelNet", train=5, test=2)
 
 
 @pytest.fixture(scope="module")

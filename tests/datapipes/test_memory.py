@@ -8,6 +8,7 @@ from datapipes.geometry import fps_order
 from datapipes.memory import InMemoryPointDataset, load_split_arrays
 from datapipes.shards import ShardSetWriter
 from datapipes.transforms import Jitter
+from datapipes.types import BatchFields
 from tests.datapipes._shard_helpers import make_samples, write_tiny
 
 
@@ -58,7 +59,7 @@ def test_missing_split_is_a_user_error(tmp_path):
 def test_dataset_items_and_seeded_transform(tmp_path):
     write_tiny(tmp_path / "ds", fps_ordered=True)
     ds = InMemoryPointDataset(
-        tmp_path / "ds", "train", num_points=16, transform=Jitter(), seed=3, normals=True
+        tmp_path / "ds", "train", num_points=16, transform=Jitter(), seed=3, fields=BatchFields(normals=True)
     )
     assert len(ds) == 64
     assert ds.labels.shape == (64,)

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from datapipes.errors import FieldError
 from datapipes.pipeline import collate, make_eval_loader, make_train_loader, make_train_pipeline, resolve_rank
 from datapipes.shards import ShardFormatError, ShardSetWriter, encode_png, shard_paths
 from datapipes.transforms import Compose, ScaleAndTranslate, TakePoints
-from datapipes.types import PointBatch
+from datapipes.types import BatchFields, PointBatch
 from tests.datapipes._shard_helpers import make_samples, npy_bytes, write_raw_tar, write_tiny
 
 
@@ -26,7 +27,7 @@ def test_train_batches_shapes_and_dtypes(tiny):
         batch_size=5,
         batches_per_epoch=3,
         num_workers=0,
-        normals=True,
+        fields=BatchFields(normals=True),
         rank=0,
         world_size=1,
     )
@@ -133,8 +134,7 @@ def test_images_and_features_are_batched(tmp_path):
         num_workers=0,
         rank=0,
         world_size=1,
-        point_features=("feat", "curv"),
-        images=True,
+        fields=BatchFields(point_features=("feat", "curv"), image_views=1),
     )
     batch = next(iter(loader))
     assert batch.feats is not None
@@ -143,7 +143,7 @@ def test_images_and_features_are_batched(tmp_path):
     assert batch.feats[:, 0, 0].tolist() == ids
     assert batch.feats[:, 0, 2].tolist() == [-i for i in ids]
     assert batch.images is not None
-    assert batch.images.shape == (3, 1, 6, 5)
+    assert batch.images.shape == (3, 1, 1, 6, 5)  # (B, views, C, H, W)
     for image, i in zip(batch.images, ids):  # a random view: either the id-coded one or the white one
         assert image.max().item() in (pytest.approx(10 * i / 255), 1.0)
 
@@ -197,18 +197,24 @@ def test_argument_validation(tiny):
     with pytest.raises(ValueError, match="at least one shard"):
         make_train_pipeline([], batch_size=2)
     with pytest.raises(ValueError, match="point_features"):
-        make_train_pipeline(paths, batch_size=2, point_features=("rgb",), rank=0, world_size=1)
+        make_train_pipeline(
+            paths, batch_size=2, fields=BatchFields(point_features=("rgb",)), rank=0, world_size=1
+        )
+    with pytest.raises(FieldError, match="point_features: 'rgb' is not a stored per-point field"):
+        make_train_pipeline(
+            paths, batch_size=2, fields=BatchFields(point_features=("rgb",)), rank=0, world_size=1
+        )
 
 
 def test_seeded_shuffle_is_a_deterministic_permutation():
-    from datapipes.pipeline import StreamState, _seeded_shuffle
+    from datapipes.streams import StreamState, seeded_shuffle
 
     state = StreamState(seed=3, rank=0, world_size=1)
-    out = list(_seeded_shuffle(range(500), state=state, bufsize=64))
+    out = list(seeded_shuffle(range(500), state=state, bufsize=64))
     assert sorted(out) == list(range(500))  # nothing lost or repeated
     assert out != list(range(500))
-    assert out == list(_seeded_shuffle(range(500), state=state, bufsize=64))
+    assert out == list(seeded_shuffle(range(500), state=state, bufsize=64))
     state.epoch = 1
-    assert out != list(_seeded_shuffle(range(500), state=state, bufsize=64))
+    assert out != list(seeded_shuffle(range(500), state=state, bufsize=64))
     # an item can move at most about bufsize positions earlier than its input position
     assert all(pos >= item - 2 * 64 for pos, item in enumerate(out))

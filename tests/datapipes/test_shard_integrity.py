@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from pathlib import Path
@@ -13,6 +14,7 @@ from datapipes.datamodule import PointCloudDataModule
 from datapipes.errors import UserError
 from datapipes.memory import InMemoryPointDataset, load_split_arrays
 from datapipes.pipeline import make_eval_loader, make_train_loader
+from datapipes.progress import Progress
 from datapipes.shards import (
     ShardFormatError,
     ShardSetWriter,
@@ -25,6 +27,7 @@ from datapipes.shards import (
     read_manifest,
     shard_paths,
 )
+from datapipes.shards import verify as shard_verify
 from datapipes.transforms import TakePoints
 from tests.datapipes._shard_helpers import (
     make_samples,
@@ -238,10 +241,15 @@ def test_label_outside_the_class_list_is_refused(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------ hashes
 
 
-def test_check_shard_hashes_names_the_first_bad_shard(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_shard_hashes_names_the_first_bad_shard(
+    tiny: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     check_shard_hashes(tiny, progress=False)
+    assert capsys.readouterr().err == ""
+    # progress lines in a log come every `interval` seconds (short steps stay silent): report every shard
+    monkeypatch.setattr(shard_verify, "Progress", functools.partial(Progress, interval=0.0))
     check_shard_hashes(tiny, ["train"], progress=True)
-    assert "sha256" in capsys.readouterr().err  # the progress bar goes to stderr
+    assert "sha256" in capsys.readouterr().err  # the progress report goes to stderr
     poison_first_float(tiny / "train-000003.tar", 0.5)  # still decodes: only the hash tells
     assert len(load_split_arrays(tiny, "train", 8)[2]) == 48
     check_shard_hashes(tiny, ["test"], progress=False)

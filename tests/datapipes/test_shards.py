@@ -17,11 +17,13 @@ from datapipes.shards import (
     PROGRESS_DIR,
     ShardFormatError,
     ShardSetWriter,
+    decode_image,
     decode_npy,
     decode_png,
     encode_npy,
     encode_png,
     encode_sample,
+    image_pixels,
     iter_shard_samples,
     iter_tar_members,
     read_manifest,
@@ -88,6 +90,28 @@ def test_npy_truncated_refused():
         decode_npy(data[:-4], where="x.tar")
 
 
+def test_npy_payload_checked_on_every_member_also_after_its_header_was_seen():
+    seen = encode_npy(np.arange(30).reshape(10, 3))
+    np.testing.assert_array_equal(decode_npy(seen), np.arange(30).reshape(10, 3))  # header now known
+    other = encode_npy(np.ones((10, 3)))
+    assert other[:128] == seen[:128]  # same header bytes: the remembered layout is used
+    np.testing.assert_array_equal(decode_npy(other), np.ones((10, 3), np.float32))
+    with pytest.raises(ShardFormatError, match=r"x\.tar: member k\.xyz\.npy: undecodable .npy \(payload has"):
+        decode_npy(other[:-4], where="x.tar: member k.xyz.npy")
+    with pytest.raises(ShardFormatError, match="undecodable"):
+        decode_npy(other + b"\0" * 4, where="x.tar")  # bytes after the array are refused too
+    fresh = npy_bytes(np.ones((7, 3), np.float64))
+    with pytest.raises(ShardFormatError, match="bytes follow the array data"):
+        decode_npy(fresh + b"\0" * 8, where="x.tar")
+
+
+def test_npy_object_array_refused_even_with_a_known_header_length():
+    buf = io.BytesIO()
+    np.save(buf, np.array([1, "a", None], dtype=object), allow_pickle=True)
+    with pytest.raises(ShardFormatError, match="object array needs pickle, which pcpt refuses"):
+        decode_npy(buf.getvalue(), where="x.tar")
+
+
 def _png_filter_reference(rows: np.ndarray, bpp: int, kind: int) -> bytes:
     """PNG filter encoder written straight from the spec (slow, obviously correct)."""
     out = bytearray()
@@ -148,6 +172,37 @@ def test_png_decoder_reverses_every_filter(kind):
 def test_png_rejects_garbage():
     with pytest.raises(ValueError, match="PNG"):
         decode_png(b"not a png at all")
+
+
+def test_png_encoding_is_deterministic_without_metadata_chunks():
+    image = np.random.default_rng(5).integers(0, 256, size=(16, 12, 3), dtype=np.uint8)
+    first, second = encode_png(image), encode_png(image.copy())
+    assert first == second
+    chunks, pos = [], 8
+    while pos < len(first):
+        length = struct.unpack(">I", first[pos : pos + 4])[0]
+        chunks.append(first[pos + 4 : pos + 8])
+        pos += 12 + length
+    assert set(chunks) == {b"IHDR", b"IDAT", b"IEND"}  # no time, text or colour-profile chunks
+    assert encode_png(image[:, :, :1]) == encode_png(image[:, :, 0])  # (H, W, 1) is grey
+
+
+def test_image_decoding_handles_jpeg_16_bit_and_refuses_damage():
+    from PIL import Image
+
+    rgb = np.random.default_rng(1).integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG")
+    assert image_pixels(buf.getvalue()).shape == (8, 8, 3)
+    deep = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(deep).save(buf, format="PNG")
+    np.testing.assert_array_equal(image_pixels(buf.getvalue())[:, :, 0], deep >> 8)  # the high byte
+    png = encode_png(rgb)
+    with pytest.raises(ValueError, match="undecodable image"):
+        image_pixels(png[: len(png) // 2])
+    with pytest.raises(ShardFormatError, match=r"x\.tar: sample k: image bytes are neither PNG nor JPEG"):
+        decode_image(b"GIF89a....", where="x.tar: sample k")
 
 
 def test_encode_sample_validates_fields():

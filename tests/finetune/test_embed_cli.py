@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from datapipes.progress import Progress
 from finetune import cli
-from finetune.embed import embed_clouds, normalize_unit_sphere
+from finetune.embed import embed_clouds
 from pretrain import cli as pretrain_cli
 from pretrain.checkpoint import load_encoder
+from pretrain.ops import normalize_unit_sphere
 from tests.cli_helpers import assert_one_error_line, console_script, run_command
 from tests.pretrain.encoders import official_reference as ref
 
@@ -68,38 +70,32 @@ def test_embed_matches_official_forward(
         torch.testing.assert_close(torch.from_numpy(features["pooled"]), concat, atol=1e-5, rtol=1e-5)
 
 
+def _embed_quietly(art: Path, inp: Path, out: Path) -> torch.Tensor:
+    """Runs ``embed`` and returns the pooled features it wrote."""
+    assert cli.main(["embed", str(art), "--input", str(inp), "--out", str(out), "--quiet"]) == 0
+    with np.load(out) as f:
+        return torch.from_numpy(f["pooled"])
+
+
 def test_embed_point_bert_and_point_mae_pretraining(tmp_path: Path) -> None:
     inp, clouds = _clouds(tmp_path, batch=3)
     neighborhood, center = ref.group_reference(torch.from_numpy(clouds), 16, 8)
 
     bert = ref.randomize(ref.PointBERT(32, 2, 2, encoder_dims=16)).eval()
-    art = _import(tmp_path, "point-bert", bert)
-    assert (
-        cli.main(["embed", str(art), "--input", str(inp), "--out", str(tmp_path / "b.npz"), "--quiet"]) == 0
-    )
+    pooled = _embed_quietly(_import(tmp_path, "point-bert", bert), inp, tmp_path / "b.npz")
     with torch.no_grad():
         expected = bert.transformer_q(neighborhood, center, torch.zeros(3, 16, dtype=torch.bool))
-    with np.load(tmp_path / "b.npz") as f:
-        pooled = torch.from_numpy(f["pooled"])
     torch.testing.assert_close(
         pooled, torch.cat([expected[:, 0], expected[:, 1:].amax(1)], -1), atol=1e-5, rtol=1e-5
     )
 
     mae = ref.randomize(ref.PointMAE(32, 2, 2, group_size=8)).eval()
-    art = _import(tmp_path, "point-mae", mae)
-    assert (
-        cli.main(["embed", str(art), "--input", str(inp), "--out", str(tmp_path / "m.npz"), "--quiet"]) == 0
-    )
+    pooled = _embed_quietly(_import(tmp_path, "point-mae", mae), inp, tmp_path / "m.npz")
     with torch.no_grad():
         tokens = mae.MAE_encoder(neighborhood, center, torch.zeros(3, 16, dtype=torch.bool))
     with np.load(tmp_path / "m.npz") as f:
         torch.testing.assert_close(torch.from_numpy(f["tokens"]), tokens, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(
-            torch.from_numpy(f["pooled"]),
-            torch.cat([tokens.amax(1), tokens.mean(1)], -1),
-            atol=1e-5,
-            rtol=1e-5,
-        )
+    torch.testing.assert_close(pooled, torch.cat([tokens.amax(1), tokens.mean(1)], -1), atol=1e-5, rtol=1e-5)
 
 
 def test_single_cloud_float64_and_normalisation(
@@ -127,8 +123,17 @@ def test_single_cloud_float64_and_normalisation(
 
 
 def test_progress_bar_for_many_batches(
-    tmp_path: Path, finetuned: tuple[Path, ref.PointTransformer], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    finetuned: tuple[Path, ref.PointTransformer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    init = Progress.__init__
+
+    def every_update(self: Progress, *args: object, **kwargs: object) -> None:
+        init(self, *args, **{**kwargs, "interval": 0.0})  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Progress, "__init__", every_update)  # a line per batch, also when not on a terminal
     art, _ = finetuned
     inp, _ = _clouds(tmp_path, batch=3)
     assert (

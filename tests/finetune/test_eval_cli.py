@@ -9,12 +9,13 @@ import torch
 
 from datapipes.errors import run_cli
 from datapipes.shards import ShardSetWriter
-from finetune.eval_cli import add_fewshot_parser, add_probe_parser
-from finetune.features import extract_features
-from finetune.fewshot import canonical_sha256
+from finetune.episodes import canonical_sha256
+from finetune.fewshot_cli import add_fewshot_parser
+from finetune.probe_cli import add_probe_parser
 from finetune.probes import knn_probe, svm_probe
 from pretrain.checkpoint import save_encoder
-from pretrain.encoders import DataContract, EncoderSpec, build_encoder
+from pretrain.encoders import DataContract, PointViTSpec, build_encoder
+from pretrain.features import extract_features
 
 STORED_POINTS = 96
 CONTRACT_POINTS = 64
@@ -51,7 +52,7 @@ def workspace(tmp_path_factory):
     writer.finalize(num_shards={"train": 1, "test": 1}, classes=CLASSES, fps_ordered=True)
 
     torch.manual_seed(0)
-    encoder = build_encoder(EncoderSpec.named("tiny"))
+    encoder = build_encoder(PointViTSpec.named("tiny"))
     contract = DataContract(num_points=CONTRACT_POINTS, normalization="unit_sphere", fps_order=True)
     art = save_encoder(root / "art", encoder, data=contract, provenance={"method": "test"})
     other = save_encoder(

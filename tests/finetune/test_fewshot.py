@@ -8,15 +8,8 @@ import numpy as np
 import pytest
 
 from datapipes.errors import UserError
-from finetune.fewshot import (
-    FORMAT,
-    EpisodeSet,
-    FewShotResult,
-    episode_labels,
-    generate_episodes,
-    run_fewshot_svm,
-    summarize_folds,
-)
+from finetune.episodes import FORMAT, EpisodeSet, episode_labels, generate_episodes
+from finetune.fewshot import FewShotResult, run_fewshot_svm, summarize_folds
 
 CLASSES = ["a", "b", "c", "d", "e", "f"]
 

@@ -12,7 +12,7 @@ from datapipes.synthetic import write_synthetic
 from finetune.cli import main as finetune_main
 from pretrain.checkpoint import save_encoder
 from pretrain.encoders import build_encoder
-from pretrain.encoders.spec import DataContract, EncoderSpec
+from pretrain.encoders.spec import DataContract, PointViTSpec
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def setup(tmp_path: Path) -> tuple[Path, Path]:
     data = tmp_path / "data"
     write_synthetic(data, classes=3, per_class=4, test_per_class=3, points=64, shard_size=8)
     torch.manual_seed(0)
-    encoder = build_encoder(EncoderSpec.named("tiny", num_groups=8, group_size=8))
+    encoder = build_encoder(PointViTSpec.named("tiny", num_groups=8, group_size=8))
     art = save_encoder(
         tmp_path / "art", encoder, data=DataContract(num_points=64), provenance={"method": "t"}
     )

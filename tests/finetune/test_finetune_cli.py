@@ -13,7 +13,7 @@ from datapipes.synthetic import write_synthetic
 from finetune.cli import main as finetune_main
 from pretrain.checkpoint import save_encoder
 from pretrain.encoders import build_encoder
-from pretrain.encoders.spec import DataContract, EncoderSpec
+from pretrain.encoders.spec import DataContract, PointViTSpec
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,7 +28,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    encoder = build_encoder(EncoderSpec.named("tiny", num_groups=8, group_size=8))
+    encoder = build_encoder(PointViTSpec.named("tiny", num_groups=8, group_size=8))
     out = tmp_path_factory.mktemp("art") / "encoder"
     return save_encoder(out, encoder, data=DataContract(num_points=64), provenance={"method": "test"})
 
@@ -39,7 +39,7 @@ def _fit_args(demo: Path, art: Path, root: Path) -> list[str]:
         f"--model.pretrained={art}", f"--data.data_root={demo}", f"--trainer.default_root_dir={root}",
         "--data.num_points=64", "--data.pool_points=72", "--data.batch_size=8", "--data.val_fraction=0.2",
         "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
-        "--model.vote_views=2", "--model.warmup_epochs=1",
+        "--model.vote_views=2", "--model.lr_scheduler.init_args.warmup_epochs=1",
     ]  # fmt: skip
 
 
@@ -62,7 +62,7 @@ def test_finetune_fit_reports_honest_results(
 def test_finetune_rejects_contract_mismatch(
     demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    encoder = build_encoder(EncoderSpec.named("tiny", num_groups=8, group_size=8))
+    encoder = build_encoder(PointViTSpec.named("tiny", num_groups=8, group_size=8))
     art = save_encoder(
         tmp_path / "art", encoder, data=DataContract(num_points=64, normalization="none"), provenance={}
     )

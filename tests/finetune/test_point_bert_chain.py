@@ -11,7 +11,7 @@ from datapipes.synthetic import write_synthetic
 from finetune.cli import main as finetune_main
 from pretrain.checkpoint import load_encoder
 from pretrain.cli import main as pretrain_main
-from pretrain.tokenizers import load_tokenizer
+from pretrain.dvae import load_dvae
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = ["--data.num_points=64", "--data.batch_size=8", "--data.num_workers=0",
@@ -41,10 +41,10 @@ def test_dvae_then_mpm_then_finetune(tmp_path: Path) -> None:
     argv = ["fit", *DVAE, *COMMON, f"--data.data_root={demo}",
             f"--trainer.default_root_dir={tmp_path / 'dvae'}", f"--export_dir={tokenizer_dir}"]  # fmt: skip
     assert pretrain_main(argv) == 0
-    dvae, _ = load_tokenizer(tokenizer_dir)  # strict
+    dvae, _ = load_dvae(tokenizer_dir)  # strict
 
     encoder_dir = tmp_path / "encoder"
-    argv = ["fit", *MPM, *COMMON, f"--data.data_root={demo}", f"--model.init_args.tokenizer={tokenizer_dir}",
+    argv = ["fit", *MPM, *COMMON, f"--data.data_root={demo}", f"--model.init_args.dvae={tokenizer_dir}",
             f"--trainer.default_root_dir={tmp_path / 'mpm'}", f"--export_dir={encoder_dir}"]  # fmt: skip
     assert pretrain_main(argv) == 0
     encoder, meta = load_encoder(encoder_dir)  # strict: CLS, CLS position and mask token included
@@ -61,7 +61,7 @@ def test_dvae_then_mpm_then_finetune(tmp_path: Path) -> None:
             "--data.num_points=64", "--data.pool_points=72", "--data.batch_size=4",
             "--data.val_fraction=0.25",
             "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
-            "--model.vote_views=0", "--model.warmup_epochs=1"]  # fmt: skip
+            "--model.vote_views=0", "--model.lr_scheduler.init_args.warmup_epochs=1"]  # fmt: skip
     assert finetune_main(argv) == 0
     result = json.loads((tmp_path / "ft" / "results.json").read_text())
     assert result["protocol"] == "full finetuning"

@@ -6,7 +6,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from finetune.probes import ProbeResult, knn_predict, knn_probe, stratified_split, svm_probe
+from finetune.probes import ProbeResult, knn_probe, stratified_split, svm_probe
+from pretrain.knn import knn_predict
 
 
 def blobs(rng, n_per_class, num_classes, dim=16, spread=1.0):
@@ -212,40 +213,12 @@ def test_knn_rejects_bad_options(kwargs, match):
         knn_predict(x, y, x, **kwargs)
 
 
-# ------------------------------------------------------------------------------------------------ features
-
-
-def test_extract_features_eval_mode_batched_and_restored():
-    import torch
-
-    from finetune.features import extract_features
-    from pretrain.encoders import EncoderSpec, build_encoder
-
-    torch.manual_seed(0)
-    encoder = build_encoder(EncoderSpec.named("tiny", drop_path=0.2))
-    xyz = torch.randn(7, 48, 3, generator=torch.Generator().manual_seed(1))
-    encoder.train()
-    a = extract_features(encoder, xyz.numpy(), batch_size=3)
-    assert encoder.training  # restored
-    b = extract_features(encoder, xyz, batch_size=7)
-    encoder.eval()
-    with torch.no_grad():
-        want = encoder.pool(encoder.encode(xyz)).numpy()
-    assert a.dtype == np.float32
-    assert a.shape == (7, 64)
-    np.testing.assert_allclose(a, want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert not encoder.training  # left as it was (eval)
-    assert extract_features(encoder, np.zeros((0, 48, 3))).shape == (0, 64)
-    with pytest.raises(ValueError, match="xyz"):
-        extract_features(encoder, np.zeros((2, 48)))
-    with pytest.raises(ValueError, match="batch_size"):
-        extract_features(encoder, xyz, batch_size=0)
+# ------------------------------------------------------------------------------------------- data contract
 
 
 def test_check_data_contract():
     from datapipes.errors import UserError
-    from finetune.features import check_data_contract
+    from finetune.contract import check_data_contract
 
     meta = {"data_contract": {"num_points": 1024, "normalization": "unit_sphere"}}
     assert check_data_contract(meta, 1024, "unit_sphere") == []

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import pretrain.checkpoint as ckpt_mod
+import pretrain.artifact_files as ckpt_mod
+import pretrain.provenance as provenance_mod
 from datapipes.errors import UserError
 from pretrain.checkpoint import (
     ARTIFACT_FORMAT,
@@ -23,12 +24,12 @@ from pretrain.checkpoint import (
     save_artifact,
     save_encoder,
 )
-from pretrain.encoders import DataContract, EncoderSpec, PointEncoder, build_encoder
+from pretrain.encoders import DataContract, PointEncoder, PointViTSpec, build_encoder
 
-SPEC = EncoderSpec.named("tiny", tokenizer_dim=16, cls_token=True, mask_token=True)
+SPEC = PointViTSpec.named("tiny", tokenizer_dim=16, cls_token=True, mask_token=True)
 
 
-def _trained_like(spec: EncoderSpec = SPEC) -> PointEncoder:
+def _trained_like(spec: PointViTSpec = SPEC) -> PointEncoder:
     torch.manual_seed(1)
     enc = build_encoder(spec)
     enc.train()
@@ -64,7 +65,7 @@ def test_metadata_layout(tmp_path: Path) -> None:
     meta = json.loads((_artifact(tmp_path) / "encoder.json").read_text())
     assert meta["format"] == ARTIFACT_FORMAT == "pcpt-encoder/1"
     assert meta["kind"] == "point_encoder"
-    assert EncoderSpec.from_dict(meta["spec"]) == SPEC
+    assert PointViTSpec.from_dict(meta["spec"]) == SPEC
     assert DataContract.from_dict(meta["data_contract"]) == DataContract(num_points=64)
     prov = meta["provenance"]
     assert prov["method"] == "Test"
@@ -99,7 +100,7 @@ def test_strict_load_reports_shape_mismatch(tmp_path: Path) -> None:
 
 
 def test_expected_missing_with_spec_overrides(tmp_path: Path, gen: torch.Generator) -> None:
-    art = _artifact(tmp_path, _trained_like(EncoderSpec.named("tiny")))
+    art = _artifact(tmp_path, _trained_like(PointViTSpec.named("tiny")))
     with pytest.raises(RuntimeError, match=r"missing keys \['cls_pos', 'cls_token'\]"):
         load_encoder(art, spec_overrides={"cls_token": True})
     enc, _ = load_encoder(art, spec_overrides={"cls_token": True}, expected_missing={"cls_token", "cls_pos"})
@@ -110,7 +111,7 @@ def test_expected_missing_with_spec_overrides(tmp_path: Path, gen: torch.Generat
 
 
 def test_spec_override_rejects_unknown_field(tmp_path: Path) -> None:
-    with pytest.raises(ArtifactError, match="unknown EncoderSpec fields"):
+    with pytest.raises(ArtifactError, match="unknown PointViTSpec fields"):
         load_encoder(_artifact(tmp_path), spec_overrides={"width": 3})
 
 
@@ -166,7 +167,7 @@ def test_failed_rewrite_keeps_the_previous_artifact(tmp_path: Path, monkeypatch:
 
     monkeypatch.setattr(ckpt_mod, "_write_synced", boom)
     with pytest.raises(OSError, match="interrupted"):
-        _artifact(tmp_path, _trained_like(EncoderSpec.named("tiny")))
+        _artifact(tmp_path, _trained_like(PointViTSpec.named("tiny")))
     assert (art / "encoder.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["art"]
     load_encoder(art)
@@ -174,7 +175,7 @@ def test_failed_rewrite_keeps_the_previous_artifact(tmp_path: Path, monkeypatch:
 
 def test_rewrite_replaces_an_artifact_but_not_other_directories(tmp_path: Path) -> None:
     art = _artifact(tmp_path)
-    _artifact(tmp_path, _trained_like(EncoderSpec.named("tiny")))
+    _artifact(tmp_path, _trained_like(PointViTSpec.named("tiny")))
     assert read_artifact_meta(art)["spec"]["cls_token"] is False
     assert [p.name for p in tmp_path.iterdir()] == ["art"]
     other = tmp_path / "notes"
@@ -234,7 +235,8 @@ def _lightning_ckpt(tmp_path: Path, enc: PointEncoder, *, with_meta: bool = True
     if with_meta:
         ckpt[CKPT_META_KEY] = lightning_ckpt_meta(
             method="PointMAE",
-            encoder_spec=enc.spec,
+            module=enc,
+            prefix="encoder.",
             data_contract=DataContract(num_points=64, fps_order=True),
             config_sha256="c" * 64,
             data_manifest_sha256="d" * 64,
@@ -281,17 +283,35 @@ def test_export_errors(tmp_path: Path) -> None:
 
 
 def test_git_sha_is_best_effort(tmp_path: Path) -> None:
-    assert ckpt_mod.git_sha(tmp_path) == "unknown"
+    assert provenance_mod.git_sha(tmp_path) == "unknown"
 
 
 def test_git_sha_names_the_pcpt_checkout_not_the_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source = Path(ckpt_mod.__file__).resolve().parents[1]
+    source = Path(provenance_mod.__file__).resolve().parents[1]
     head = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, check=False
     )
     if head.returncode != 0:
         pytest.skip("pcpt is not running from a git checkout")
     monkeypatch.chdir(tmp_path)  # not a repository
-    assert ckpt_mod.git_sha() == head.stdout.strip()
+    assert provenance_mod.git_sha() == head.stdout.strip()
+
+
+def test_checkpoints_of_earlier_pcpt_versions_still_export(tmp_path: Path) -> None:
+    enc = _trained_like()
+    path = _lightning_ckpt(tmp_path, enc)
+    ckpt = torch.load(path, weights_only=True)
+    meta = ckpt[CKPT_META_KEY]
+    ckpt[CKPT_META_KEY] = {  # the layout before artifact kinds had one export path
+        "method": meta["method"],
+        "kind": "point_encoder",
+        "encoder_spec": meta["spec"],
+        "encoder_prefix": "encoder.",
+        "data_contract": meta["data_contract"],
+    }
+    torch.save(ckpt, path)
+    loaded, _ = load_encoder(export_from_lightning_ckpt(path, tmp_path / "art"))
+    for key, value in enc.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)

@@ -9,7 +9,7 @@ import torch
 
 from pretrain import cli
 from pretrain.checkpoint import CKPT_META_KEY, lightning_ckpt_meta, load_encoder, read_artifact_meta
-from pretrain.encoders import DataContract, EncoderSpec, build_encoder
+from pretrain.encoders import DataContract, PointViTSpec, build_encoder
 from tests.cli_helpers import assert_one_error_line, console_script, run_command
 from tests.pretrain.encoders import official_reference as ref
 
@@ -57,13 +57,13 @@ def test_import_plain_output(
 
 
 def test_export_lightning_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    enc = build_encoder(EncoderSpec.named("tiny"))
+    enc = build_encoder(PointViTSpec.named("tiny"))
     ckpt = {
         "epoch": 1,
         "global_step": 10,
         "state_dict": {f"encoder.{k}": v for k, v in enc.state_dict().items()},
         CKPT_META_KEY: lightning_ckpt_meta(
-            method="PointMAE", encoder_spec=enc.spec, data_contract=DataContract()
+            method="PointMAE", module=enc, prefix="encoder.", data_contract=DataContract()
         ),
     }
     torch.save(ckpt, tmp_path / "last.ckpt")

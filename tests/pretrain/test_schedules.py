@@ -7,11 +7,11 @@ import torch
 
 from pretrain.schedules import (
     WarmupCosineFactor,
+    WarmupCosineLR,
     cosine_ramp,
     cosine_with_warmup,
     gumbel_temperature,
     kl_weight,
-    warmup_cosine_scheduler,
 )
 
 
@@ -85,7 +85,7 @@ def _run(opt, sched, n):
 
 def test_scheduler_follows_function_per_group():
     opt = _optimizer()
-    sched = warmup_cosine_scheduler(opt, total_steps=20, warmup_steps=4)
+    sched = WarmupCosineLR(opt, warmup_epochs=2, total_steps=20, steps_per_epoch=2)
     lrs = _run(opt, sched, 25)
     for step, (lr_a, lr_b) in enumerate(lrs):
         assert lr_a == pytest.approx(cosine_with_warmup(step, total_steps=20, warmup_steps=4, base_lr=1e-3))
@@ -97,21 +97,28 @@ def test_scheduler_follows_function_per_group():
 
 def test_scheduler_resumes_from_state_dict():
     opt = _optimizer()
-    sched = warmup_cosine_scheduler(opt, total_steps=30, warmup_steps=5)
+    sched = WarmupCosineLR(opt, warmup_epochs=1, total_steps=30, steps_per_epoch=5)
     full = _run(opt, sched, 30)
 
     opt1 = _optimizer()
-    sched1 = warmup_cosine_scheduler(opt1, total_steps=30, warmup_steps=5)
+    sched1 = WarmupCosineLR(opt1, warmup_epochs=1, total_steps=30, steps_per_epoch=5)
     first = _run(opt1, sched1, 12)
     opt_state, sched_state = opt1.state_dict(), sched1.state_dict()
 
     opt2 = _optimizer()
-    sched2 = warmup_cosine_scheduler(opt2, total_steps=30, warmup_steps=5)
+    sched2 = WarmupCosineLR(opt2, warmup_epochs=1, total_steps=30, steps_per_epoch=5)
     opt2.load_state_dict(opt_state)
     sched2.load_state_dict(sched_state)
     second = _run(opt2, sched2, 18)
     flat = [lr for row in first + second for lr in row]
     assert flat == pytest.approx([lr for row in full for lr in row], rel=1e-12)
+
+
+def test_scheduler_needs_the_run_length_and_caps_the_warmup():
+    with pytest.raises(ValueError, match="total_steps and steps_per_epoch"):
+        WarmupCosineLR(_optimizer())
+    sched = WarmupCosineLR(_optimizer(), warmup_epochs=50, total_steps=8, steps_per_epoch=4)
+    assert sched.lr_lambdas[0].warmup_steps == 7  # at most the run less one step
 
 
 def test_zero_base_lr_group_stays_zero():

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pretrain.training import configure_adamw_cosine, training_steps
+from pretrain.optim import configure_optimization, training_steps
+from pretrain.schedules import WarmupCosineLR
 
 
 class _Module(pl.LightningModule):
@@ -23,7 +24,11 @@ class _Module(pl.LightningModule):
 
     def configure_optimizers(self):
         self.schedule = training_steps(self.trainer)
-        return configure_adamw_cosine(self, lr=1.0, weight_decay=0.0, warmup_epochs=1, warmup_init_lr=0.0)
+        return configure_optimization(
+            self,
+            lambda groups: torch.optim.AdamW(groups, lr=1.0, weight_decay=0.0),
+            lambda opt, **run: WarmupCosineLR(opt, warmup_epochs=1, warmup_init_lr=0.0, **run),
+        )
 
 
 class _Data(pl.LightningDataModule):

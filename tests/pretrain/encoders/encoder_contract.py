@@ -96,19 +96,6 @@ class EncoderContract(ABC):
         loss.backward()
         assert [n for n, p in enc.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
 
-    def test_layer_ids(self) -> None:
-        enc = self.make()
-        depth = enc.spec.depth
-        ids = {name: enc.layer_id(name) for name, _ in enc.named_parameters()}
-        assert set(ids.values()) == set(range(depth + 2))
-        for name, layer in ids.items():
-            if name.startswith("blocks."):
-                assert layer == int(name.split(".")[1]) + 1
-            elif name.startswith("norm."):
-                assert layer == depth + 1
-            else:
-                assert layer == 0, name
-
     def test_batch_independence_in_eval(self, gen: torch.Generator) -> None:
         enc = self.make().eval()
         xyz = self.clouds(3, gen)

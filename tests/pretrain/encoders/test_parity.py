@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.encoders import EncoderSpec, PointEncoder, build_encoder
+from pretrain.encoders import PointEncoder, PointViTSpec, build_encoder
 from tests.pretrain.encoders import official_reference as ref
 
 
@@ -25,7 +25,7 @@ def _to_pcpt(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torc
     return out
 
 
-def _load(spec: EncoderSpec, official: torch.nn.Module, prefix: str = "") -> PointEncoder:
+def _load(spec: PointViTSpec, official: torch.nn.Module, prefix: str = "") -> PointEncoder:
     enc = build_encoder(spec)
     enc.load_state_dict(_to_pcpt(official.state_dict(), prefix), strict=True)
     return enc
@@ -38,7 +38,7 @@ def _clouds(gen: torch.Generator, batch: int = 2, n: int = 64) -> torch.Tensor:
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train-batchnorm"])
 def test_point_mae_encoder_with_visible_tokens(gen: torch.Generator, train: bool) -> None:
     official = ref.randomize(ref.MAEMaskTransformer(32, 2, 2)).train(train)
-    enc = _load(EncoderSpec.named("tiny", drop_path=0.0), official).train(train)
+    enc = _load(PointViTSpec.named("tiny", drop_path=0.0), official).train(train)
     neighborhood, center = ref.group_reference(_clouds(gen), 16, 8)
     mask = torch.zeros(2, 16, dtype=torch.bool)
     mask[0, torch.randperm(16, generator=gen)[:10]] = True
@@ -51,7 +51,7 @@ def test_point_mae_encoder_with_visible_tokens(gen: torch.Generator, train: bool
 
 def test_point_bert_encoder_with_mask_tokens(gen: torch.Generator) -> None:
     official = ref.randomize(ref.BERTMaskTransformer(32, 2, 2, encoder_dims=16)).eval()
-    spec = EncoderSpec.named("tiny", tokenizer_dim=16, cls_token=True, mask_token=True, drop_path=0.0)
+    spec = PointViTSpec.named("tiny", tokenizer_dim=16, cls_token=True, mask_token=True, drop_path=0.0)
     enc = _load(spec, official).eval()
     neighborhood, center = ref.group_reference(_clouds(gen), 16, 8)
     masked = torch.rand(2, 16, generator=gen) < 0.4
@@ -65,7 +65,7 @@ def test_point_bert_encoder_with_mask_tokens(gen: torch.Generator) -> None:
 @pytest.mark.parametrize("encoder_dims", [32, 16], ids=["mae-head", "bert-reduce-dim"])
 def test_finetuned_classifier_features(gen: torch.Generator, encoder_dims: int) -> None:
     official = ref.randomize(ref.PointTransformer(32, 2, 2, encoder_dims=encoder_dims)).eval()
-    spec = EncoderSpec.named("tiny", tokenizer_dim=encoder_dims, cls_token=True)
+    spec = PointViTSpec.named("tiny", tokenizer_dim=encoder_dims, cls_token=True)
     enc = _load(spec, official).eval()
     neighborhood, center = ref.group_reference(_clouds(gen), 16, 8)
     all_tokens, concat = official.features(neighborhood, center)
@@ -76,7 +76,7 @@ def test_finetuned_classifier_features(gen: torch.Generator, encoder_dims: int) 
 
 def test_return_layers_match_official_block_outputs(gen: torch.Generator) -> None:
     official = ref.randomize(ref.PointTransformer(32, 2, 2)).eval()
-    enc = _load(EncoderSpec.named("tiny", cls_token=True), official).eval()
+    enc = _load(PointViTSpec.named("tiny", cls_token=True), official).eval()
     neighborhood, center = ref.group_reference(_clouds(gen), 16, 8)
     b = neighborhood.shape[0]
     x = torch.cat([official.cls_token.expand(b, -1, -1), official.encoder(neighborhood)], dim=1)
@@ -97,7 +97,7 @@ def _shell_with_points_at_origin(gen: torch.Generator, batch: int = 2, n: int = 
 def test_end_to_end_with_official_grouping(gen: torch.Generator) -> None:
     """encode(xyz) = official Group (FPS start 0 with the near-origin skip, kNN) + official forward."""
     official = ref.randomize(ref.PointTransformer(32, 2, 2)).eval()
-    enc = _load(EncoderSpec.named("tiny", cls_token=True), official).eval()
+    enc = _load(PointViTSpec.named("tiny", cls_token=True), official).eval()
     xyz = _shell_with_points_at_origin(gen)
     neighborhood, center = ref.group_reference(xyz, 16, 8)
     out = enc.encode(xyz)

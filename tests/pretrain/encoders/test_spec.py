@@ -8,11 +8,11 @@ import pytest
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from pretrain.encoders import DataContract, EncoderSpec
+from pretrain.encoders import DataContract, PointViTSpec
 
 
 def test_defaults_are_the_official_encoder() -> None:
-    spec = EncoderSpec()
+    spec = PointViTSpec()
     assert (spec.embed_dim, spec.depth, spec.num_heads, spec.num_groups, spec.group_size) == (
         384,
         12,
@@ -24,31 +24,31 @@ def test_defaults_are_the_official_encoder() -> None:
     assert (spec.fps_start, spec.fps_skip_near_origin) == (0, True)
     assert not spec.cls_token
     assert not spec.mask_token
-    assert EncoderSpec.named("small") == spec
+    assert PointViTSpec.named("small") == spec
 
 
 def test_named_tiny_and_overrides() -> None:
-    tiny = EncoderSpec.named("tiny", cls_token=True)
+    tiny = PointViTSpec.named("tiny", cls_token=True)
     assert (tiny.embed_dim, tiny.depth, tiny.num_heads, tiny.num_groups, tiny.group_size) == (32, 2, 2, 16, 8)
     assert tiny.tokenizer_dim == 32
     assert tiny.cls_token
     with pytest.raises(ValueError, match="unknown encoder size 'huge'"):
-        EncoderSpec.named("huge")
+        PointViTSpec.named("huge")
     with pytest.raises(ValueError, match="width"):
-        EncoderSpec.named("tiny", width=3)
+        PointViTSpec.named("tiny", width=3)
 
 
 def test_dict_and_json_round_trip() -> None:
-    spec = EncoderSpec.named("tiny", fps_start="random", tokenizer_dim=16, mask_token=True)
-    assert EncoderSpec.from_dict(spec.to_dict()) == spec
-    assert EncoderSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    spec = PointViTSpec.named("tiny", fps_start="random", tokenizer_dim=16, mask_token=True)
+    assert PointViTSpec.from_dict(spec.to_dict()) == spec
+    assert PointViTSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     contract = DataContract(num_points=2048, fps_order=True, channels=("x", "y", "z", "i"))
     assert DataContract.from_dict(json.loads(json.dumps(contract.to_dict()))) == contract
 
 
 def test_from_dict_names_unknown_fields() -> None:
-    with pytest.raises(ValueError, match=r"unknown EncoderSpec fields: \['bogus', 'depthh'\]"):
-        EncoderSpec.from_dict({"depthh": 3, "bogus": 1})
+    with pytest.raises(ValueError, match=r"unknown PointViTSpec fields: \['bogus', 'depthh'\]"):
+        PointViTSpec.from_dict({"depthh": 3, "bogus": 1})
     with pytest.raises(ValueError, match=r"unknown DataContract fields: \['points'\]"):
         DataContract.from_dict({"points": 3})
 
@@ -66,7 +66,7 @@ def test_from_dict_names_unknown_fields() -> None:
 )
 def test_invalid_values_raise(field: str, value: object, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        EncoderSpec.named("tiny", **{field: value})
+        PointViTSpec.named("tiny", **{field: value})
 
 
 def test_data_contract_validation() -> None:
@@ -78,15 +78,15 @@ def test_data_contract_validation() -> None:
 
 def test_specs_survive_weights_only_load() -> None:
     buffer = io.BytesIO()
-    torch.save({"spec": EncoderSpec.named("tiny"), "data": DataContract()}, buffer)
+    torch.save({"spec": PointViTSpec.named("tiny"), "data": DataContract()}, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)
-    assert loaded["spec"] == EncoderSpec.named("tiny")
+    assert loaded["spec"] == PointViTSpec.named("tiny")
     assert loaded["data"] == DataContract()
 
 
 class _Module:
-    def __init__(self, encoder: EncoderSpec, data: DataContract | None = None) -> None:
+    def __init__(self, encoder: PointViTSpec, data: DataContract | None = None) -> None:
         self.encoder = encoder
         self.data = data
 
@@ -102,7 +102,7 @@ def test_jsonargparse_parses_spec_from_yaml(tmp_path: Path) -> None:
     )
     cfg = parser.parse_args(["--config", str(config)])
     model = parser.instantiate_classes(cfg).model
-    assert model.encoder == EncoderSpec(
+    assert model.encoder == PointViTSpec(
         embed_dim=32, depth=2, num_heads=2, fps_start="random", cls_token=True
     )
     assert model.data == DataContract(num_points=512)

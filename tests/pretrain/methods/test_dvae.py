@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from pretrain.dvae import DVAE_KIND, DVAESpec, load_dvae
+from pretrain.dvae_eval import code_perplexity
 from pretrain.methods.dvae import PointDVAE
 from pretrain.ops import chamfer_distance
-from pretrain.tokenizer_eval import code_perplexity
-from pretrain.tokenizers import TOKENIZER_KIND, DVAESpec, load_tokenizer
 from tests.pretrain import dvae_reference as dref
 
 
@@ -81,12 +81,14 @@ def test_code_perplexity() -> None:
 def test_module_trains_no_transformer_and_exports_a_tokenizer(module: PointDVAE, tmp_path: Path) -> None:
     assert not hasattr(module, "encoder")
     assert all(name.startswith("dvae.") for name, _ in module.named_parameters())
-    meta = module.pcpt_metadata()
-    assert meta["kind"] == TOKENIZER_KIND
-    assert meta["encoder_prefix"] == "dvae."
-    assert DVAESpec.from_dict(meta["tokenizer_spec"]) == module.dvae_spec
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    meta = checkpoint["pcpt"]
+    assert meta["kind"] == DVAE_KIND
+    assert meta["prefix"] == "dvae."
+    assert DVAESpec.from_dict(meta["spec"]) == module.dvae_spec
     path = module.export_encoder(tmp_path / "tok")
-    loaded, info = load_tokenizer(path)
+    loaded, info = load_dvae(path)
     assert info["provenance"]["method"] == "PointDVAE"
     assert info["data_contract"]["num_points"] == 64
     for key, value in module.dvae.state_dict().items():

@@ -11,8 +11,8 @@ import torch
 
 from datapipes.datamodule import PointCloudDataModule
 from pretrain.cli import main as pretrain_main
-from pretrain.tokenizer_eval import code_perplexity
-from pretrain.tokenizers import load_tokenizer
+from pretrain.dvae import load_dvae
+from pretrain.dvae_eval import code_perplexity
 from tests.pretrain.methods.tiny_cli import RUNTIME, config
 
 TINY = [
@@ -40,14 +40,14 @@ def test_fit_exports_tokenizer_and_export_command_agrees(
     argv = ["fit", *TINY, f"--data.data_root={demo}", f"--trainer.default_root_dir={tmp_path}",
             "--trainer.max_epochs=1", f"--export_dir={art}", "--data.val_split=test"]  # fmt: skip
     assert pretrain_main(argv) == 0
-    tokenizer, meta = load_tokenizer(art)
+    tokenizer, meta = load_dvae(art)
     assert meta["kind"] == "dvae_tokenizer"
     assert meta["provenance"]["method"] == "PointDVAE"
     assert meta["provenance"]["step"] == 8
     assert meta["spec"]["codebook_size"] == 16
     assert meta["data_contract"]["num_points"] == 64
     assert meta["provenance"]["data_manifest_sha256"]
-    _, ids = tokenizer.tokenize(torch.rand(2, 64, 3))
+    _, ids = tokenizer.discrete_tokens(torch.rand(2, 64, 3))
     assert ids.shape == (2, 8)
     assert int(ids.max()) < 16
 
@@ -57,7 +57,7 @@ def test_fit_exports_tokenizer_and_export_command_agrees(
         == 0
     )
     assert "dVAE tokenizer, 16 codes of width 8, 8 groups of 8" in capsys.readouterr().out
-    exported, _ = load_tokenizer(tmp_path / "exported")
+    exported, _ = load_dvae(tmp_path / "exported")
     for key, value in tokenizer.state_dict().items():
         torch.testing.assert_close(exported.state_dict()[key], value, msg=key)
 
@@ -95,11 +95,11 @@ def test_validation_logs_reconstruction_and_codebook_usage(
     assert len(rows) == 1
     logged = rows[0]
 
-    tokenizer, _ = load_tokenizer(art)
+    tokenizer, _ = load_dvae(art)
     tokenizer.eval()
     data = PointCloudDataModule(str(demo), num_points=64, batch_size=4, num_workers=0, val_split="test")
     data.setup("validate")
-    ids = torch.cat([tokenizer.tokenize(batch.points)[1].flatten() for batch in data.val_dataloader()])
+    ids = torch.cat([tokenizer.discrete_tokens(batch.points)[1].flatten() for batch in data.val_dataloader()])
     counts = torch.bincount(ids, minlength=16)
     assert float(logged["val/dead_codes"]) == float((counts == 0).sum())
     assert float(logged["val/code_perplexity"]) == pytest.approx(float(code_perplexity(counts)), rel=1e-5)

@@ -6,14 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.encoders.spec import DataContract, EncoderSpec
+from pretrain.artifacts import save_module_artifact
+from pretrain.dvae import DiscreteVAE, DVAESpec
+from pretrain.encoders.spec import DataContract, PointViTSpec
 from pretrain.methods.point_bert import PointBERT, enqueue_keys, mix_patches
-from pretrain.tokenizers import DiscreteVAE, DVAESpec, save_tokenizer
 from tests.pretrain import dvae_reference as dref
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 
-SPEC = EncoderSpec.named(
+SPEC = PointViTSpec.named(
     "tiny", num_groups=16, group_size=8, tokenizer_dim=16, cls_token=True, mask_token=True
 )
 
@@ -22,7 +23,7 @@ SPEC = EncoderSpec.named(
 def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dvae = dref.randomize_dvae(DiscreteVAE(DVAESpec(**dref.TINY_SPEC)), seed=1)
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
-    return save_tokenizer(out, dvae, data=DataContract(num_points=64), provenance={"method": "test"})
+    return save_module_artifact(out, dvae, data=DataContract(num_points=64), provenance={"method": "test"})
 
 
 def _model(tokenizer: Path, **kwargs: object) -> PointBERT:
@@ -47,10 +48,10 @@ def test_init_freezes_tokenizer_and_initialises_from_it(tokenizer: Path) -> None
 
 def test_rejects_incompatible_encoder(tokenizer: Path) -> None:
     with pytest.raises(ValueError, match="num_groups: encoder 8 vs tokenizer 16"):
-        PointBERT(EncoderSpec.named("tiny", num_groups=8, group_size=8, tokenizer_dim=16, cls_token=True,
+        PointBERT(PointViTSpec.named("tiny", num_groups=8, group_size=8, tokenizer_dim=16, cls_token=True,
                                     mask_token=True), str(tokenizer))  # fmt: skip
     with pytest.raises(ValueError, match="cls_token=True and mask_token=True"):
-        PointBERT(EncoderSpec.named("tiny", num_groups=16, group_size=8, tokenizer_dim=16), str(tokenizer))
+        PointBERT(PointViTSpec.named("tiny", num_groups=16, group_size=8, tokenizer_dim=16), str(tokenizer))
     with pytest.raises(ValueError, match="mask_ratio"):
         _model(tokenizer, mask_ratio=(0.5, 0.2))
 

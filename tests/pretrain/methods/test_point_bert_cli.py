@@ -10,9 +10,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from pretrain.artifacts import save_module_artifact
 from pretrain.checkpoint import load_encoder
+from pretrain.dvae import DiscreteVAE, DVAESpec
 from pretrain.encoders.spec import DataContract
-from pretrain.tokenizers import DiscreteVAE, DVAESpec, save_tokenizer
 from tests.pretrain import dvae_reference as dref
 from tests.pretrain.methods.record_callback import params_sha256
 from tests.pretrain.methods.tiny_cli import RUNTIME, config, fit_two_ranks, tiny_encoder
@@ -48,7 +49,7 @@ class RecordQueue(pl.Callback):
 def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dvae = dref.randomize_dvae(DiscreteVAE(DVAESpec(**dref.TINY_SPEC)), seed=1)
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
-    return save_tokenizer(out, dvae, data=DataContract(num_points=64), provenance={"method": "test"})
+    return save_module_artifact(out, dvae, data=DataContract(num_points=64), provenance={"method": "test"})
 
 
 @pytest.mark.ddp
@@ -56,7 +57,7 @@ def test_two_process_gloo_ddp_queue(demo: Path, tokenizer: Path, tmp_path: Path)
     """Two CPU ranks: keys of both ranks enter the queue, which ends identical on both, as do the weights."""
     record = tmp_path / "record"
     args = [
-        *TINY, f"--data.data_root={demo}", f"--model.init_args.tokenizer={tokenizer}",
+        *TINY, f"--data.data_root={demo}", f"--model.init_args.dvae={tokenizer}",
         "--model.init_args.queue_size=24", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1",
         f"--export_dir={tmp_path / 'art'}",
     ]  # fmt: skip

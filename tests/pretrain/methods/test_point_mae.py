@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.encoders.spec import EncoderSpec
+from pretrain.encoders.spec import PointViTSpec
 from pretrain.methods.point_mae import PointMAE
 from pretrain.ops import random_group_mask
 
@@ -45,7 +45,7 @@ def _chamfer_l2_reference(pred: torch.Tensor, target: torch.Tensor) -> torch.Ten
 @pytest.fixture
 def model() -> PointMAE:
     torch.manual_seed(0)
-    spec = EncoderSpec.named("tiny", fps_skip_near_origin=False, drop_path=0.0)
+    spec = PointViTSpec.named("tiny", fps_skip_near_origin=False, drop_path=0.0)
     return PointMAE(spec, mask_ratio=0.6, decoder_depth=2, decoder_drop_path=0.0).eval()
 
 
@@ -75,7 +75,7 @@ def test_loss_equals_official_formula(model: PointMAE, gen: torch.Generator) -> 
 
 def test_training_gradients_reach_encoder_and_decoder(gen: torch.Generator) -> None:
     torch.manual_seed(0)
-    model = PointMAE(EncoderSpec.named("tiny"), decoder_depth=1)
+    model = PointMAE(PointViTSpec.named("tiny"), decoder_depth=1)
     loss = model.loss_for(torch.rand(3, 128, 3, generator=gen), generator=gen)
     loss.backward()
     assert torch.isfinite(loss)
@@ -92,7 +92,7 @@ def test_prediction_shapes_and_mask_count(model: PointMAE, gen: torch.Generator)
 
 
 def test_block_masking_option(gen: torch.Generator) -> None:
-    model = PointMAE(EncoderSpec.named("tiny"), mask_type="block", decoder_depth=1).eval()
+    model = PointMAE(PointViTSpec.named("tiny"), mask_type="block", decoder_depth=1).eval()
     groups, _ = model.encoder.tokenize(torch.rand(2, 128, 3, generator=gen))
     mask = model.make_mask(groups, gen)
     assert mask.sum(1).tolist() == [int(0.6 * 16)] * 2
@@ -101,12 +101,12 @@ def test_block_masking_option(gen: torch.Generator) -> None:
 @pytest.mark.parametrize("ratio", [0.0, 1.0, 0.01])
 def test_bad_mask_ratio(ratio: float) -> None:
     with pytest.raises(ValueError, match="mask_ratio"):
-        PointMAE(EncoderSpec.named("tiny"), mask_ratio=ratio)
+        PointMAE(PointViTSpec.named("tiny"), mask_ratio=ratio)
 
 
 def test_random_fps_start_draws_from_the_step_generator_only() -> None:
     torch.manual_seed(0)
-    model = PointMAE(EncoderSpec.named("tiny", fps_start="random", drop_path=0.0), decoder_depth=1).eval()
+    model = PointMAE(PointViTSpec.named("tiny", fps_start="random", drop_path=0.0), decoder_depth=1).eval()
     xyz = torch.rand(2, 128, 3, generator=torch.Generator().manual_seed(1))
     losses = []
     for _ in range(2):

@@ -44,7 +44,7 @@ def test_fit_writes_artifact_that_loads_strictly(demo: Path, tmp_path: Path) -> 
 
 
 def test_resume_continues_step_count_and_schedule(demo: Path, tmp_path: Path) -> None:
-    common = [*TINY, f"--data.data_root={demo}", "--model.init_args.warmup_epochs=1"]
+    common = [*TINY, f"--data.data_root={demo}", "--model.init_args.lr_scheduler.init_args.warmup_epochs=1"]
     first = tmp_path / "a"
     assert (
         pretrain_main(["fit", *common, f"--trainer.default_root_dir={first}", "--trainer.max_epochs=1"]) == 0

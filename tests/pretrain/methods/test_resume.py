@@ -20,7 +20,7 @@ TINY = [
     *config("point_mae_tiny.yaml"),
     *tiny_encoder(num_groups=8, tokenizer_dim=32),
     "--model.init_args.decoder_depth=1",
-    "--model.init_args.warmup_epochs=1",
+    "--model.init_args.lr_scheduler.init_args.warmup_epochs=1",
     *RUNTIME,
 ]
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pretrain.nn import Attention, Block, DropPath, Mlp, drop_path_rates
+from pretrain.nn.transformer import BlockOptions, CrossAttentionBlock, run_blocks
 
 
 def _attention_reference(attn: Attention, x: torch.Tensor) -> torch.Tensor:
@@ -88,3 +89,67 @@ def test_drop_path_is_identity_in_eval_and_at_zero() -> None:
     assert DropPath(0.0).train()(x) is x
     with pytest.raises(ValueError, match="drop path"):
         DropPath(1.0)
+
+
+def _ln(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
+
+
+def test_post_norm_block_with_qkv_bias_and_quick_gelu_matches_reference(gen: torch.Generator) -> None:
+    options = BlockOptions(norm_first=False, qkv_bias=True, activation="quick_gelu", norm_eps=1e-12)
+    block = Block(8, 2, options=options).eval()
+    for p in block.parameters():  # non-trivial norms and biases
+        torch.nn.init.normal_(p, generator=gen)
+    x = torch.randn(2, 5, 8, generator=gen)
+    qkv = x @ block.attn.qkv.weight.T + block.attn.qkv.bias
+    q, k, v = qkv.split(8, dim=-1)
+    out = torch.zeros_like(x)
+    for h in range(2):
+        sl = slice(4 * h, 4 * h + 4)
+        w = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / 2.0, dim=-1)
+        out[..., sl] = w @ v[..., sl]
+    y = _ln(x + block.attn.proj(out), block.norm1)
+    hidden = block.mlp.fc1(y)
+    expected = _ln(y + block.mlp.fc2(hidden * torch.sigmoid(1.702 * hidden)), block.norm2)
+    torch.testing.assert_close(block(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_layer_scale_scales_each_branch(gen: torch.Generator) -> None:
+    block = Block(8, 2, options=BlockOptions(layer_scale=0.5)).eval()
+    assert {"ls1.gamma", "ls2.gamma"} <= set(block.state_dict())
+    reference = Block(8, 2).eval()
+    state = {k: v for k, v in block.state_dict().items() if not k.startswith("ls")}
+    reference.load_state_dict(state)
+    x = torch.randn(2, 5, 8, generator=gen)
+    y = x + 0.5 * reference.attn(reference.norm1(x))
+    expected = y + 0.5 * reference.mlp(reference.norm2(y))
+    torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cross_attention_block_matches_reference(gen: torch.Generator) -> None:
+    block = CrossAttentionBlock(8, 2, context_dim=6).eval()
+    x, context = torch.randn(2, 3, 8, generator=gen), torch.randn(2, 7, 6, generator=gen)
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[1, 4:] = False  # padding of the second sample's context is never attended to
+    q = _ln(x, block.norm_q) @ block.attn.q.weight.T
+    k, v = (_ln(context, block.norm_kv) @ block.attn.kv.weight.T).split(8, dim=-1)
+    out = torch.zeros_like(x)
+    for b in range(2):
+        m = int(valid[b].sum())
+        for h in range(2):
+            sl = slice(4 * h, 4 * h + 4)
+            w = torch.softmax(q[b, :, sl] @ k[b, :m, sl].T / 2.0, dim=-1)
+            out[b, :, sl] = w @ v[b, :m, sl]
+    y = x + block.attn.proj(out)
+    expected = y + block.mlp(block.norm2(y))
+    torch.testing.assert_close(block(x, context=context, context_mask=valid), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_run_blocks_adds_positions_before_every_block_or_once(gen: torch.Generator) -> None:
+    blocks = [Block(8, 2).eval() for _ in range(2)]
+    x, pos = torch.randn(1, 4, 8, generator=gen), torch.randn(1, 4, 8, generator=gen)
+    every, captured = run_blocks(blocks, x, pos, capture=[0])
+    torch.testing.assert_close(every, blocks[1](blocks[0](x + pos) + pos))
+    torch.testing.assert_close(captured[0], blocks[0](x + pos))
+    once, _ = run_blocks(blocks, x, pos, pos_every_block=False)
+    torch.testing.assert_close(once, blocks[1](blocks[0](x + pos)))

@@ -9,18 +9,18 @@ import torch
 
 from finetune import cli as finetune_cli
 from pretrain import cli as pretrain_cli
+from pretrain.artifacts import save_module_artifact
 from pretrain.checkpoint import ArtifactError, WeightsMismatchError, load_encoder, read_artifact_meta
-from pretrain.encoders.spec import DataContract
-from pretrain.importers import REMAPS
-from pretrain.tokenizers import (
-    TOKENIZER_KIND,
+from pretrain.dvae import (
+    DVAE_KIND,
     DiscreteVAE,
     DVAESpec,
     gumbel_softmax,
     infer_dvae_spec,
-    load_tokenizer,
-    save_tokenizer,
+    load_dvae,
 )
+from pretrain.encoders.spec import DataContract
+from pretrain.importers import REMAPS
 from tests.pretrain import dvae_reference as dref
 from tests.pretrain.encoders import official_reference as ref
 
@@ -106,13 +106,13 @@ def test_forward_matches_official_layout_reference(gen: torch.Generator) -> None
 
 def test_artifact_round_trip_is_strict(tmp_path: Path) -> None:
     ours, _ = _tiny_pair()
-    out = save_tokenizer(
+    out = save_module_artifact(
         tmp_path / "tok", ours, data=DataContract(num_points=64), provenance={"method": "test"}
     )
-    meta = read_artifact_meta(out, kind=TOKENIZER_KIND)
+    meta = read_artifact_meta(out, kind=DVAE_KIND)
     assert meta["spec"]["codebook_size"] == 12
     assert meta["provenance"]["method"] == "test"
-    loaded, _ = load_tokenizer(out)
+    loaded, _ = load_dvae(out)
     assert not loaded.training
     for key, value in ours.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
@@ -122,7 +122,7 @@ def test_artifact_round_trip_is_strict(tmp_path: Path) -> None:
     spec["spec"]["codebook_size"] = 16
     (out / "encoder.json").write_text(json.dumps(spec))
     with pytest.raises(WeightsMismatchError):
-        load_tokenizer(out)
+        load_dvae(out)
 
 
 def test_infer_spec_from_official_weights() -> None:
@@ -137,7 +137,7 @@ def test_infer_spec_from_official_weights() -> None:
 def test_remap_accepts_dvae_and_mpm_layouts() -> None:
     official = dref.DiscreteVAE(**dref.TINY)
     plain = REMAPS["point-bert-dvae"](official.state_dict())
-    assert plain.kind == TOKENIZER_KIND
+    assert plain.kind == DVAE_KIND
     assert plain.dropped == []
     nested = {f"dvae.{k}": v for k, v in official.state_dict().items()}
     nested.update({"transformer_q.norm.weight": torch.ones(2), "queue": torch.zeros(2, 3)})
@@ -159,17 +159,17 @@ def test_import_official_dvae_gives_official_token_ids(
     out = tmp_path / "tok"
     assert pretrain_cli.main(["import", "point-bert-dvae", str(src), str(out), *TINY_ARGS, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["kind"] == TOKENIZER_KIND
+    assert summary["kind"] == DVAE_KIND
     assert summary["layout"] == "point-bert dvae"
     assert summary["num_tensors"] == len(official.state_dict())
-    tokenizer, meta = load_tokenizer(out)
+    tokenizer, meta = load_dvae(out)
     assert meta["provenance"]["epoch"] == 300
     assert meta["data_contract"]["num_points"] == 64
 
     clouds = _clouds(3)
     with torch.no_grad():
         expected_ids, expected_centers = official.token_ids(clouds, 16, 8)
-        groups, ids = tokenizer.tokenize(clouds)
+        groups, ids = tokenizer.discrete_tokens(clouds)
         torch.testing.assert_close(
             tokenizer.logits(groups.neighborhoods, groups.centers),
             official.logits(*ref.group_reference(clouds, 16, 8)),
@@ -199,7 +199,7 @@ def test_import_official_dvae_gives_official_token_ids(
     ref.save_official(mpm, holder)
     assert pretrain_cli.main(["import", "point-bert-dvae", str(mpm), str(tmp_path / "tok2"), *TINY_ARGS]) == 0
     assert "dVAE tokenizer, 12 codes" in capsys.readouterr().out
-    again, _ = load_tokenizer(tmp_path / "tok2")
+    again, _ = load_dvae(tmp_path / "tok2")
     for key, value in tokenizer.state_dict().items():
         assert torch.equal(value, again.state_dict()[key]), key
 

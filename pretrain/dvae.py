@@ -13,9 +13,9 @@ Parameter names follow the official ``DiscreteVAE`` (``codebook``, ``encoder.fir
 prefix.
 
 The artifact is a directory like an encoder artifact (``encoder.safetensors`` + ``encoder.json``) with
-``"kind": "dvae_tokenizer"`` and the :class:`DVAESpec` as ``spec``: :func:`save_tokenizer`,
-:func:`load_tokenizer` (strict), and :func:`export_tokenizer_from_lightning_ckpt` for
-``pcpt-pretrain export``.
+``"kind": "dvae_tokenizer"`` and the :class:`DVAESpec` as ``spec``; this module registers that kind, so the
+one artifact writer and loader of ``pretrain.artifacts`` handle it (:func:`load_dvae` is the loader
+with the kind and the class checked).
 """
 
 from __future__ import annotations
@@ -31,37 +31,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.checkpoint import (
-    CKPT_META_KEY,
-    ArtifactError,
-    lightning_ckpt_provenance,
-    load_artifact_tensors,
-    load_state_strict,
-    module_from_lightning_ckpt,
-    read_checkpoint_file,
-    save_module_artifact,
-)
-from pretrain.encoders.base import group_by_spec
-from pretrain.encoders.spec import DataContract, check_positive_int, dataclass_from_dict
+from pretrain.artifacts import ArtifactError, ArtifactKind, load_artifact, register_artifact_kind
+from pretrain.encoders.spec import check_fps_start, check_positive_int, dataclass_from_dict
+from pretrain.encoders.tokenizer import group_by_spec
 from pretrain.nn.dgcnn import DGCNN, OFFICIAL_DGCNN_DIMS
 from pretrain.nn.folding import FoldingDecoder
-from pretrain.nn.tokenizer import MiniPointNet
+from pretrain.nn.pointnet import MiniPointNet
 from pretrain.ops import PatchGroups
 
 __all__ = [
-    "TOKENIZER_KIND",
+    "DVAE_KIND",
     "DVAEOutput",
     "DVAESpec",
     "DiscreteVAE",
-    "export_tokenizer_from_lightning_ckpt",
     "gumbel_softmax",
     "infer_dvae_spec",
-    "lightning_ckpt_kind",
-    "load_tokenizer",
-    "save_tokenizer",
+    "load_dvae",
 ]
 
-TOKENIZER_KIND = "dvae_tokenizer"
+DVAE_KIND = "dvae_tokenizer"
 
 
 @dataclass(frozen=True)
@@ -122,10 +110,7 @@ class DVAESpec:
             raise ValueError(f"group_size must be a multiple of 4 (2x2 folding), got {self.group_size}")
         if self.dgcnn_k > self.num_groups:
             raise ValueError(f"dgcnn_k={self.dgcnn_k} must be <= num_groups={self.num_groups}")
-        if self.fps_start != "random" and (
-            isinstance(self.fps_start, bool) or not isinstance(self.fps_start, int) or self.fps_start < 0
-        ):
-            raise ValueError(f"fps_start must be an int >= 0 or 'random', got {self.fps_start!r}")
+        check_fps_start(self.fps_start)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (JSON friendly; ``dgcnn_dims`` becomes a list)."""
@@ -214,8 +199,6 @@ class DiscreteVAE(nn.Module):
 
     def group(self, xyz: Tensor, *, generator: torch.Generator | None = None) -> PatchGroups:
         """Splits clouds (B, N, 3) into the spec's G patches of K points (FPS centres + kNN)."""
-        if xyz.ndim != 3 or xyz.shape[-1] != 3:
-            raise ValueError(f"xyz must have shape (B, N, 3), got {tuple(xyz.shape)}")
         return group_by_spec(xyz, self.spec, generator=generator)
 
     def logits(self, neighborhoods: Tensor, centers: Tensor) -> Tensor:
@@ -228,7 +211,7 @@ class DiscreteVAE(nn.Module):
         return self.logits(neighborhoods, centers).argmax(dim=-1)
 
     @torch.no_grad()
-    def tokenize(
+    def discrete_tokens(
         self, xyz: Tensor, *, generator: torch.Generator | None = None
     ) -> tuple[PatchGroups, Tensor]:
         """Groups clouds (B, N, 3) and returns ``(groups, token ids (B, G))``, without gradients."""
@@ -278,87 +261,42 @@ class DiscreteVAE(nn.Module):
 # ------------------------------------------------------------------------------------------- artifacts
 
 
-def save_tokenizer(
-    out_dir: str | Path, dvae: DiscreteVAE, *, data: DataContract, provenance: Mapping[str, Any]
-) -> Path:
-    """Writes a ``dvae_tokenizer`` artifact atomically (full ``state_dict``, BatchNorm buffers included).
-
-    Args:
-        out_dir: destination directory (an existing artifact there is replaced).
-        dvae: the tokenizer.
-        data: the data contract it was trained with.
-        provenance: method, step, epoch, ...; completed by :func:`pretrain.checkpoint.make_provenance`.
-
-    Returns:
-        ``out_dir`` as a Path.
-    """
-    return save_module_artifact(
-        out_dir, dvae, kind=TOKENIZER_KIND, spec=dvae.spec.to_dict(), data=data, provenance=provenance
+def _summary(meta: Mapping[str, Any]) -> str:
+    spec = meta.get("spec", {})
+    return (
+        f"dVAE tokenizer, {spec.get('codebook_size')} codes of width {spec.get('token_dim')}, "
+        f"{spec.get('num_groups')} groups of {spec.get('group_size')}, "
+        f"{meta.get('num_params', 0):,} parameters"
     )
 
 
-def load_tokenizer(
+register_artifact_kind(
+    ArtifactKind(
+        name=DVAE_KIND,
+        module_class=DiscreteVAE,
+        parse_spec=DVAESpec.from_dict,
+        build=DiscreteVAE,
+        summary=_summary,
+    )
+)
+
+
+def load_dvae(
     path: str | Path, *, map_location: str | torch.device = "cpu"
 ) -> tuple[DiscreteVAE, dict[str, Any]]:
     """Rebuilds a :class:`DiscreteVAE` from a ``dvae_tokenizer`` artifact and loads it strictly.
 
     Returns:
-        (tokenizer in eval mode, metadata).
+        (dVAE in eval mode, metadata).
 
     Raises:
         ArtifactError: unreadable artifact, wrong kind or invalid spec.
-        RuntimeError: missing, unexpected or mis-shaped weights (named in the message).
+        WeightsMismatchError: missing, unexpected or mis-shaped weights (named in the message).
     """
-    src = Path(path)
-    tensors, meta = load_artifact_tensors(src, kind=TOKENIZER_KIND)
-    try:
-        dvae = DiscreteVAE(DVAESpec.from_dict(meta.get("spec", {})))
-    except (TypeError, ValueError) as err:
-        raise ArtifactError(f"{src}: invalid dvae_tokenizer spec: {err}") from err
-    load_state_strict(dvae, tensors, source=src)
-    return dvae.to(map_location).eval(), meta
-
-
-def lightning_ckpt_kind(ckpt_path: str | Path) -> str:
-    """The artifact kind a pcpt Lightning checkpoint exports to (``checkpoint["pcpt"]["kind"]``).
-
-    The file is memory-mapped, so this is cheap even for large checkpoints. Unreadable files and foreign
-    checkpoints give ``"point_encoder"`` (the default export then reports the actual problem).
-    """
-    try:
-        ckpt = torch.load(Path(ckpt_path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # any read error is reported by the exporter itself
-        return "point_encoder"
-    info = ckpt.get(CKPT_META_KEY) if isinstance(ckpt, dict) else None
-    return str(info.get("kind", "point_encoder")) if isinstance(info, dict) else "point_encoder"
-
-
-def export_tokenizer_from_lightning_ckpt(
-    ckpt_path: str | Path, out_dir: str | Path, **provenance: Any
-) -> Path:
-    """Writes the dVAE of a :class:`~pretrain.methods.dvae.PointDVAE` Lightning checkpoint as an artifact.
-
-    The checkpoint is read with ``torch.load(weights_only=True)``; ``checkpoint["pcpt"]`` must have kind
-    ``dvae_tokenizer``, the spec under ``tokenizer_spec`` and the weights' prefix under ``encoder_prefix``.
-
-    Raises:
-        ArtifactError: unreadable file, not a pcpt tokenizer checkpoint, or invalid metadata.
-        RuntimeError: weights that do not fit the stored spec.
-    """
-    src, ckpt = read_checkpoint_file(ckpt_path)
-    info = ckpt.get(CKPT_META_KEY) if isinstance(ckpt, dict) else None
-    if not isinstance(info, dict) or info.get("kind") != TOKENIZER_KIND:
-        raise ArtifactError(f"{src}: not a pcpt dVAE tokenizer checkpoint (no {TOKENIZER_KIND!r} metadata)")
-    dvae, data = module_from_lightning_ckpt(
-        src,
-        ckpt,
-        spec_key="tokenizer_spec",
-        parse_spec=DVAESpec.from_dict,
-        build=DiscreteVAE,
-        default_prefix="dvae.",
-    )
-    prov = lightning_ckpt_provenance(src, ckpt, provenance)
-    return save_tokenizer(out_dir, dvae, data=data, provenance=prov)
+    module, meta = load_artifact(path, kind=DVAE_KIND, map_location=map_location)
+    if not isinstance(module, DiscreteVAE):
+        raise ArtifactError(f"{path}: the artifact does not hold a DiscreteVAE")
+    return module.eval(), meta
 
 
 def _max_layer(state: Mapping[str, Tensor], prefix: str) -> int:

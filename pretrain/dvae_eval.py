@@ -1,7 +1,7 @@
 """Quality of a dVAE tokenizer on a set of clouds: reconstruction Chamfer distances and codebook usage.
 
 :func:`hard_code_batch_metrics` is the official validation of one batch (hard Gumbel codes at temperature 1,
-then the decoder): ``PointDVAE.validation_step`` logs it, and :func:`evaluate_tokenizer` averages it over any
+then the decoder): ``PointDVAE.validation_step`` logs it, and :func:`evaluate_dvae` averages it over any
 stack of clouds for ``pcpt-pretrain eval-tokenizer``, so both report the same numbers for the same clouds,
 batches and noise.
 """
@@ -14,15 +14,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pretrain.dvae import DiscreteVAE, DVAEOutput
 from pretrain.ops import chamfer_distance
 from pretrain.ops.grouping import PatchGroups
-from pretrain.tokenizers import DiscreteVAE, DVAEOutput
 from pretrain.training import derive_seed
 
 __all__ = [
     "code_counts",
     "code_perplexity",
-    "evaluate_tokenizer",
+    "evaluate_dvae",
     "hard_code_batch_metrics",
     "reconstruction_losses",
     "validation_noise_seed",
@@ -85,7 +85,7 @@ def hard_code_batch_metrics(
 
 
 @torch.no_grad()
-def evaluate_tokenizer(
+def evaluate_dvae(
     dvae: DiscreteVAE,
     xyz: np.ndarray | Tensor,
     *,

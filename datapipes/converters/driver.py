@@ -1,0 +1,262 @@
+"""The conversion driver: options, planning, sharding, resume and the report (``convert``).
+
+Shard ``i`` of a split holds exactly items ``[i*S, (i+1)*S)`` of the split's (seeded, shuffled) order
+(``S = shard_size``) minus the rejected ones, so a re-run recomputes only the shards that are not complete
+and verified: nothing is lost or duplicated. The per-item work runs on an engine (local processes or Ray,
+see :mod:`datapipes.engines`) and gives the same samples whatever the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from datapipes.converters.base import Converter, ConvertOptions, Plan, WorkItem, item_rng
+from datapipes.converters.process import is_rejection, process_items
+from datapipes.engines import Engine, ShardJob
+from datapipes.errors import UserError
+from datapipes.files import printable
+
+if TYPE_CHECKING:  # datapipes.types imports torch, which per-item workers do not need
+    from datapipes.shards import ShardSetWriter
+    from datapipes.types import Rejection, Sample
+
+__all__ = ["ConvertReport", "convert", "dumps_report", "resolve_options", "shuffled"]
+
+
+def resolve_options(converter: Converter, base: ConvertOptions, given: Mapping[str, Any]) -> ConvertOptions:
+    """Fills in the format defaults for options the user left unset and checks format-specific ones.
+
+    Args:
+        converter: the format.
+        base: options with everything but ``points``, ``normalize``, ``fps`` and ``variant`` set.
+        given: the command-line values (``None`` = not given) of ``points``, ``normalize``, ``fps``,
+            ``variant``, ``test_fraction``, ``points_column``, ``label_column`` and ``split_map``.
+
+    Returns:
+        The completed options.
+
+    Raises:
+        UserError: an option this format does not accept, or an unknown variant.
+    """
+    for name in ("variant", "test_fraction", "points_column", "label_column", "split_map"):
+        if given.get(name) not in (None, (), "") and name not in converter.accepts:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} does not apply to format {converter.name!r}")
+    variant = given.get("variant")
+    if converter.variants:
+        variant = variant or converter.variants[0]
+        if variant not in converter.variants:
+            raise UserError(f"--variant {variant!r} is not one of {', '.join(converter.variants)}")
+    points, normalize, fps = given.get("points"), given.get("normalize"), given.get("fps")
+    return replace(
+        base,
+        points=converter.default_points if points is None else int(points),
+        normalize=converter.default_normalize if normalize is None else bool(normalize),
+        fps=converter.default_fps if fps is None else bool(fps),
+        variant=variant,
+    )
+
+
+@dataclass
+class ConvertReport:
+    """Outcome of a conversion (the summary printed by the CLI).
+
+    Attributes:
+        format: converter name.
+        out: output directory.
+        samples: split -> number of samples written.
+        classes: class names.
+        rejected: number of rejected items (all shards, including resumed ones).
+        shards_written: shards computed in this run.
+        shards_resumed: complete shards kept from an earlier run.
+        elapsed_s: wall-clock seconds.
+        empty_classes: classes without any sample in any split (a class folder without input files, or
+            whose files were all rejected); they keep their label index.
+    """
+
+    format: str
+    out: str
+    samples: dict[str, int]
+    classes: list[str]
+    rejected: int
+    shards_written: int
+    shards_resumed: int
+    elapsed_s: float
+    empty_classes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        out = asdict(self)
+        out["num_classes"] = len(self.classes)
+        return out
+
+
+def shuffled(items: Sequence[WorkItem], seed: int, split: str) -> list[WorkItem]:
+    """A seeded permutation of a split's items (depends only on the seed, the split and the item list).
+
+    Args:
+        items: the split's items in sorted order.
+        seed: base seed.
+        split: split name (each split gets its own permutation).
+
+    Returns:
+        The items in shuffled order.
+    """
+    perm = item_rng(seed, f"__order__/{split}").permutation(len(items))
+    return [items[i] for i in perm]
+
+
+def _printable_plan(plan: Plan) -> None:
+    """Makes sources and class names valid Unicode (file names need not be UTF-8), in place."""
+    plan.classes = [printable(c) for c in plan.classes]
+    for items in plan.splits.values():
+        for i, item in enumerate(items):
+            source, class_name = printable(item.source), printable(item.class_name)
+            if source != item.source or class_name != item.class_name:
+                items[i] = replace(item, source=source, class_name=class_name)
+
+
+def _check_plan(plan: Plan) -> None:
+    seen: dict[str, str] = {}
+    for split, items in plan.splits.items():
+        for item in items:
+            if item.key in seen:
+                raise UserError(
+                    f"two source items map to the same sample key {item.key!r}: {seen[item.key]} and "
+                    f"{item.source}; rename one of them"
+                )
+            seen[item.key] = item.source
+            if item.split != split:
+                raise ValueError(f"item {item.key!r} listed under split {split!r} but says {item.split!r}")
+
+
+def count_rejected(out: Path) -> int:
+    """Number of lines in ``OUT/rejected.jsonl`` (0 when absent)."""
+    path = out / "rejected.jsonl"
+    if not path.is_file():
+        return 0
+    with path.open() as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def convert(
+    converter: Converter,
+    options: ConvertOptions,
+    out: Path,
+    engine: Engine,
+    *,
+    strict: bool = False,
+    progress: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+    on_shard: Callable[[str, int], None] | None = None,
+) -> ConvertReport:
+    """Plans, runs and finalises one conversion (resuming complete shards of an earlier identical run).
+
+    Args:
+        converter: the format.
+        options: resolved options (:func:`resolve_options`).
+        out: output directory.
+        engine: where the per-item function runs.
+        strict: any rejection raises instead of being listed.
+        progress: called with the number of items just finished.
+        on_total: called once with the number of items still to process.
+        on_shard: called after each shard is written, with ``(split, index)``.
+
+    Returns:
+        The report (``empty_classes`` lists the classes without any sample).
+
+    Raises:
+        UserError: bad source layout, duplicate keys, an output folder that holds files pcpt did not write or
+            a run with different options, another conversion writing to the same folder, a rejection under
+            ``strict``, or every item rejected (``rejected.jsonl`` then lists the reasons and no manifest is
+            written).
+    """
+    from datapipes.shards import ShardSetWriter
+
+    start = time.perf_counter()
+    plan = converter.plan(Path(options.src), options)
+    _printable_plan(plan)
+    _check_plan(plan)
+    options = replace(options, source_normals=plan.source_normals)
+    if options.shuffle:
+        plan.splits = {split: shuffled(items, options.seed, split) for split, items in plan.splits.items()}
+    if not any(plan.splits.values()):
+        raise UserError(f"{options.src}: no {converter.name} input found")
+    with ShardSetWriter(out, options=options.to_dict()) as writer:
+        manifest, written, resumed = _run(
+            converter, writer, plan, options, engine, strict, progress, on_total, on_shard
+        )
+    samples_per_split = {s: int(v.get("samples", 0)) for s, v in manifest.get("splits", {}).items()}
+    totals = {c: sum(int(per.get(c, 0)) for per in manifest.get("counts", {}).values()) for c in plan.classes}
+    return ConvertReport(
+        format=converter.name,
+        out=printable(str(out)),
+        samples=samples_per_split,
+        classes=list(plan.classes),
+        rejected=count_rejected(out),
+        shards_written=written,
+        shards_resumed=resumed,
+        elapsed_s=round(time.perf_counter() - start, 3),
+        empty_classes=[c for c in plan.classes if totals[c] == 0],
+    )
+
+
+def _run(
+    converter: Converter,
+    writer: ShardSetWriter,
+    plan: Plan,
+    options: ConvertOptions,
+    engine: Engine,
+    strict: bool,
+    progress: Callable[[int], None] | None,
+    on_total: Callable[[int], None] | None,
+    on_shard: Callable[[str, int], None] | None,
+) -> tuple[dict[str, Any], int, int]:
+    """Computes the shards that are not complete and finalises; returns ``(manifest, written, resumed)``."""
+    size = options.shard_size
+    num_shards = {split: math.ceil(len(items) / size) for split, items in plan.splits.items() if items}
+    jobs: list[ShardJob] = []
+    resumed = 0
+    for split in sorted(num_shards):
+        items = plan.splits[split]
+        for index in range(num_shards[split]):
+            if writer.is_complete(split, index):
+                resumed += 1
+            else:
+                jobs.append(ShardJob(split, index, tuple(items[index * size : (index + 1) * size])))
+    if on_total is not None:
+        on_total(sum(len(job.items) for job in jobs))
+    fn = partial(process_items, options=options)
+    written = 0
+    for job, results in engine.run(fn, jobs, progress):
+        rejected = [cast("Rejection", r) for r in results if is_rejection(r)]
+        if strict and rejected:
+            first = rejected[0]
+            raise UserError(f"{first['source']}: {first['reason']} (rejected under --strict)")
+        samples = [cast("Sample", r) for r in results if not is_rejection(r)]
+        writer.write_shard(job.split, job.index, samples, rejected)
+        written += 1
+        if on_shard is not None:
+            on_shard(job.split, job.index)
+    extra = {"converter": {"format": converter.name, **plan.info}}
+    manifest = writer.finalize(
+        num_shards=num_shards,
+        classes=plan.classes,
+        fps_ordered=options.fps,
+        extra=extra,
+        require_samples=True,
+        channels=plan.channels,
+    )
+    return manifest, written, resumed
+
+
+def dumps_report(report: ConvertReport) -> str:
+    """The ``--json`` summary."""
+    return json.dumps(report.to_dict(), indent=2, sort_keys=True)

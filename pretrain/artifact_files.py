@@ -1,0 +1,224 @@
+"""The artifact's files: ``encoder.safetensors`` + ``encoder.json``, written atomically, read with checks.
+
+Low-level and kind-agnostic; ``pretrain.artifacts`` builds on it (kinds, modules, provenance). Writes go to a
+temporary sibling directory that is renamed into place, so an interrupted write never leaves a directory that
+looks like a complete artifact, and files pcpt did not write are never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from datapipes.errors import UserError
+
+__all__ = [
+    "ARTIFACT_FORMAT",
+    "ENCODER_KIND",
+    "META_FILE",
+    "WEIGHTS_FILE",
+    "ArtifactError",
+    "WeightsMismatchError",
+    "check_artifact_destination",
+    "load_artifact_tensors",
+    "load_state_strict",
+    "read_artifact_meta",
+    "save_artifact",
+]
+
+ARTIFACT_FORMAT = "pcpt-encoder/1"
+WEIGHTS_FILE = "encoder.safetensors"
+META_FILE = "encoder.json"
+ENCODER_KIND = "point_encoder"
+
+
+class ArtifactError(UserError, ValueError):
+    """An artifact or checkpoint that cannot be read: missing, malformed, wrong format or kind."""
+
+
+class WeightsMismatchError(UserError, RuntimeError):
+    """Weights that do not fit an encoder spec (missing or unexpected keys, wrong shapes)."""
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (tuple, set, frozenset)):
+        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def save_artifact(out_dir: str | Path, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Path:
+    """Writes an artifact directory atomically, never touching files pcpt did not write.
+
+    A new (or empty) ``out_dir`` is written as a temporary sibling directory that is renamed into place. An
+    existing artifact is updated in place: its ``encoder.json`` is removed first (so the folder no longer
+    looks complete), the new weights and then the new ``encoder.json`` are moved in; other files in the
+    folder are kept. A non-empty directory that is not an artifact is refused.
+
+    Args:
+        out_dir: destination directory.
+        tensors: weights to store in ``encoder.safetensors`` (moved to CPU, made contiguous).
+        meta: JSON metadata; must contain ``kind``. ``format`` is set to ``pcpt-encoder/1``.
+
+    Returns:
+        ``out_dir`` as a Path.
+
+    Raises:
+        ValueError: no ``kind`` in meta or metadata that is not JSON serialisable.
+        ArtifactError: ``out_dir`` is a file, or a non-empty directory that is not a pcpt artifact.
+    """
+    out = Path(out_dir)
+    if not meta.get("kind"):
+        raise ValueError("artifact meta must name its 'kind'")
+    check_artifact_destination(out)
+    full_meta = {"format": ARTIFACT_FORMAT, **meta}
+    try:
+        text = json.dumps(full_meta, indent=2, default=_json_default) + "\n"
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"artifact metadata is not JSON serialisable: {err}") from err
+    state = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        _write_synced(tmp / META_FILE, text)  # the meta file goes last
+        if out.is_dir() and any(out.iterdir()):
+            (out / META_FILE).unlink(missing_ok=True)  # from here on the folder is an incomplete artifact
+            os.replace(tmp / WEIGHTS_FILE, out / WEIGHTS_FILE)
+            os.replace(tmp / META_FILE, out / META_FILE)
+            tmp.rmdir()
+        else:
+            if out.is_dir():
+                out.rmdir()
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def check_artifact_destination(out: str | Path) -> None:
+    """Refuses an artifact destination that holds something pcpt did not write.
+
+    Allowed: a missing path, an empty directory, or an existing artifact directory (``encoder.json``, or an
+    interrupted update that left ``encoder.safetensors`` alone).
+
+    Raises:
+        ArtifactError: ``out`` is a file, or a non-empty directory that is not a pcpt artifact.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"{out}: exists and is not a directory; choose another artifact path")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if (out / META_FILE).is_file() or (out / WEIGHTS_FILE).is_file():
+        return
+    raise ArtifactError(
+        f"{out}: non-empty directory that is not a pcpt artifact (no {META_FILE}); choose another path"
+    )
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_artifact_meta(path: str | Path, *, kind: str | None = None) -> dict[str, Any]:
+    """Reads and checks ``encoder.json`` of an artifact.
+
+    Args:
+        path: artifact directory.
+        kind: required ``kind`` (e.g. ``"point_encoder"``), or None for any.
+
+    Raises:
+        ArtifactError: missing directory or files, invalid JSON, wrong format or kind.
+    """
+    src = Path(path)
+    if not src.is_dir():
+        raise ArtifactError(f"{src}: no such artifact directory")
+    meta_path = src / META_FILE
+    if not meta_path.is_file():
+        raise ArtifactError(f"{src}: not a pcpt artifact ({META_FILE} is missing)")
+    if not (src / WEIGHTS_FILE).is_file():
+        raise ArtifactError(f"{src}: incomplete artifact ({WEIGHTS_FILE} is missing)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"{meta_path}: unreadable artifact metadata: {err}") from err
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{meta_path}: artifact metadata must be a JSON object")
+    if meta.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(
+            f"{meta_path}: unsupported format {meta.get('format')!r}; expected {ARTIFACT_FORMAT!r}"
+        )
+    if kind is not None and meta.get("kind") != kind:
+        raise ArtifactError(f"{meta_path}: artifact kind is {meta.get('kind')!r}, expected {kind!r}")
+    return meta
+
+
+def load_artifact_tensors(
+    path: str | Path, *, kind: str | None = None, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Reads every tensor and the metadata of an artifact (any kind).
+
+    Returns:
+        (tensors by name, metadata).
+
+    Raises:
+        ArtifactError: see :func:`read_artifact_meta`, or an unreadable weights file.
+    """
+    src = Path(path)
+    meta = read_artifact_meta(src, kind=kind)
+    try:
+        tensors = load_file(str(src / WEIGHTS_FILE), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ArtifactError(f"{src / WEIGHTS_FILE}: unreadable weights: {err}") from err
+    return tensors, meta
+
+
+def load_state_strict(
+    module: torch.nn.Module,
+    state: Mapping[str, Tensor],
+    *,
+    source: str | Path,
+    expected_missing: frozenset[str] | set[str] = frozenset(),
+) -> None:
+    """``load_state_dict`` that fails on unexpected keys, unexpected missing keys or shape mismatches.
+
+    Raises:
+        WeightsMismatchError: a RuntimeError naming ``source``, the missing and the unexpected keys.
+    """
+    own = module.state_dict()
+    shapes = [
+        f"{key} {tuple(value.shape)} (spec: {tuple(own[key].shape)})"
+        for key, value in state.items()
+        if key in own and tuple(value.shape) != tuple(own[key].shape)
+    ]
+    if shapes:
+        listed = ", ".join(shapes[:3]) + (f" and {len(shapes) - 3} more" if len(shapes) > 3 else "")
+        raise WeightsMismatchError(
+            f"{source}: weights do not fit the encoder spec: other shapes for {listed}"
+        )
+    result = module.load_state_dict(dict(state), strict=False)
+    missing = sorted(set(result.missing_keys) - set(expected_missing))
+    unexpected = sorted(result.unexpected_keys)
+    if missing or unexpected:
+        raise WeightsMismatchError(
+            f"{source}: weights do not match the encoder spec: missing keys {missing}, "
+            f"unexpected keys {unexpected}"
+        )
