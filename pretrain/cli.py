@@ -79,19 +79,19 @@ def _cmd_eval_tokenizer(args: argparse.Namespace) -> int:
     from pretrain.dvae import load_dvae
     from pretrain.dvae_eval import evaluate_dvae
 
-    tokenizer, meta = load_dvae(args.artifact)
+    dvae, meta = load_dvae(args.artifact)
     contract = meta.get("data_contract", {})
     num_points = int(contract.get("num_points", 1024))
     xyz, _, _ = load_split_arrays(args.data, args.split, num_points)  # FPS order: the first num_points
     if xyz.shape[1] != num_points:
         raise UserError(
-            f"{args.data}: split {args.split!r} stores {xyz.shape[1]} points per cloud; the tokenizer "
+            f"{args.data}: split {args.split!r} stores {xyz.shape[1]} points per cloud; the dVAE "
             f"{args.artifact} was trained on {num_points}"
         )
     if contract.get("normalization", "unit_sphere") == "unit_sphere":
         xyz = np.stack([normalize_unit_sphere(cloud)[0] for cloud in xyz])
     report = evaluate_dvae(
-        tokenizer, xyz, batch_size=args.batch_size, device=resolve_device(args.device), seed=args.seed
+        dvae, xyz, batch_size=args.batch_size, device=resolve_device(args.device), seed=args.seed
     )
     summary = {
         "artifact": str(args.artifact),

@@ -20,19 +20,18 @@ with the kind and the class checked).
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.artifacts import ArtifactError, ArtifactKind, load_artifact, register_artifact_kind
-from pretrain.encoders.spec import check_fps_start, check_positive_int, dataclass_from_dict
+from pretrain.encoders.spec import PlainData, check_fps_start, check_positive_int
 from pretrain.encoders.tokenizer import group_by_spec
 from pretrain.nn.dgcnn import DGCNN, OFFICIAL_DGCNN_DIMS
 from pretrain.nn.folding import FoldingDecoder
@@ -53,7 +52,7 @@ DVAE_KIND = "dvae_tokenizer"
 
 
 @dataclass(frozen=True)
-class DVAESpec:
+class DVAESpec(PlainData):
     """Architecture of a :class:`DiscreteVAE`; everything needed to rebuild it.
 
     The defaults are the official ``cfgs/ShapeNet55_models/dvae.yaml``.
@@ -86,6 +85,8 @@ class DVAESpec:
     fps_start: int | Literal["random"] = 0
     fps_skip_near_origin: bool = True
 
+    tuple_fields: ClassVar[tuple[str, ...]] = ("dgcnn_dims",)
+
     def __post_init__(self) -> None:
         names = (
             "num_groups",
@@ -112,20 +113,6 @@ class DVAESpec:
             raise ValueError(f"dgcnn_k={self.dgcnn_k} must be <= num_groups={self.num_groups}")
         check_fps_start(self.fps_start)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data form (JSON friendly; ``dgcnn_dims`` becomes a list)."""
-        data = dataclasses.asdict(self)
-        data["dgcnn_dims"] = list(self.dgcnn_dims)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DVAESpec:
-        """Inverse of :meth:`to_dict`; missing fields take their defaults.
-
-        Raises:
-            ValueError: unknown fields (named in the message) or invalid values.
-        """
-        return dataclass_from_dict(cls, data, tuple_fields=("dgcnn_dims",))
 
 
 torch.serialization.add_safe_globals([DVAESpec])

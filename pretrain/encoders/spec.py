@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import torch
 
@@ -75,8 +75,36 @@ def dataclass_from_dict(
     return cls(**values)
 
 
+class PlainData:
+    """``to_dict`` / ``from_dict`` of a frozen spec dataclass (JSON and ``weights_only`` friendly).
+
+    Fields listed in ``tuple_fields`` are lists in plain data and tuples on the dataclass.
+    """
+
+    tuple_fields: ClassVar[tuple[str, ...]] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (JSON and ``torch.load(weights_only=True)`` friendly)."""
+        data = dataclasses.asdict(self)  # type: ignore[call-overload]
+        for name in self.tuple_fields:
+            data[name] = list(data[name])
+        return data
+
+    @classmethod
+    def from_dict(cls: type[PlainDataT], data: Mapping[str, Any]) -> PlainDataT:
+        """Inverse of :meth:`to_dict`; missing fields take their defaults.
+
+        Raises:
+            ValueError: unknown fields (named in the message) or invalid values.
+        """
+        return dataclass_from_dict(cls, data, tuple_fields=cls.tuple_fields)  # type: ignore[type-var]
+
+
+PlainDataT = TypeVar("PlainDataT", bound=PlainData)
+
+
 @dataclass(frozen=True)
-class EncoderSpec:
+class EncoderSpec(PlainData):
     """What every encoder family's spec has: the ``arch`` that names the family in the registry.
 
     Each family (``pretrain.encoders.registry``) defines one frozen dataclass that subclasses this one, sets
@@ -85,22 +113,6 @@ class EncoderSpec:
     """
 
     arch: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data form (JSON and ``torch.load(weights_only=True)`` friendly)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls: type[EncoderSpecT], data: Mapping[str, Any]) -> EncoderSpecT:
-        """Inverse of :meth:`to_dict`; missing fields take their defaults.
-
-        Raises:
-            ValueError: unknown fields (named in the message), another family's ``arch``, or invalid values.
-        """
-        return dataclass_from_dict(cls, data)
-
-
-EncoderSpecT = TypeVar("EncoderSpecT", bound=EncoderSpec)
 
 
 @dataclass(frozen=True)
@@ -231,7 +243,7 @@ NAMED_SIZES: dict[str, dict[str, Any]] = {
 
 
 @dataclass(frozen=True)
-class DataContract:
+class DataContract(PlainData):
     """Preprocessing an encoder was trained with; downstream data must match it.
 
     Attributes:
@@ -247,6 +259,8 @@ class DataContract:
     fps_order: bool = False
     channels: tuple[str, ...] = ("x", "y", "z")
 
+    tuple_fields: ClassVar[tuple[str, ...]] = ("channels",)
+
     def __post_init__(self) -> None:
         check_positive_int("num_points", self.num_points)
         if self.normalization not in ("unit_sphere", "none"):
@@ -254,20 +268,6 @@ class DataContract:
         if not self.channels or not all(isinstance(c, str) for c in self.channels):
             raise ValueError(f"channels must be a non-empty tuple of names, got {self.channels!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data form; ``channels`` becomes a list (JSON)."""
-        data = dataclasses.asdict(self)
-        data["channels"] = list(self.channels)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DataContract:
-        """Inverse of :meth:`to_dict`.
-
-        Raises:
-            ValueError: unknown fields (named in the message) or invalid values.
-        """
-        return dataclass_from_dict(cls, data, tuple_fields=("channels",))
 
 
 # Modules built outside LightningCLI pickle these into hyper-parameters; keep such checkpoints loadable
