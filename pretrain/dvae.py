@@ -114,7 +114,6 @@ class DVAESpec(PlainData):
         check_fps_start(self.fps_start)
 
 
-
 torch.serialization.add_safe_globals([DVAESpec])
 
 

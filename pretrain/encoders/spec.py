@@ -269,7 +269,6 @@ class DataContract(PlainData):
             raise ValueError(f"channels must be a non-empty tuple of names, got {self.channels!r}")
 
 
-
 # Modules built outside LightningCLI pickle these into hyper-parameters; keep such checkpoints loadable
 # under torch.load(weights_only=True).
 torch.serialization.add_safe_globals([PointViTSpec, DataContract])
