@@ -22,13 +22,6 @@ from pretrain.methods.base import PretrainModule
 __all__ = ["CLI_KWARGS", "PretrainCLI", "run_lightning_cli"]
 
 
-def _sha256_file(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
 class PretrainCLI(PcptLightningCLI):
     """LightningCLI that records provenance and exports the encoder artifact after ``fit``."""
 
@@ -61,9 +54,9 @@ class PretrainCLI(PcptLightningCLI):
             check_artifact_destination(export_dir)  # refuse a bad destination before training, not after
         dump = self.parser.dump(self.config, skip_none=False, skip_check=True)
         model.provenance_extra["config_sha256"] = hashlib.sha256(dump.encode()).hexdigest()
-        root = getattr(self.datamodule, "data_root", None)
-        if root:
-            model.provenance_extra["data_manifest_sha256"] = _sha256_file(Path(root) / "manifest.json")
+        manifest_sha256 = getattr(self.datamodule, "manifest_sha256", None)
+        if isinstance(manifest_sha256, str):
+            model.provenance_extra["data_manifest_sha256"] = manifest_sha256
 
     def after_fit(self) -> None:
         model = self.model
