@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
 from datapipes.errors import UserError
 from datapipes.memory import load_split_arrays
@@ -65,10 +66,16 @@ def _collate(items: list[tuple[np.ndarray, int, str]]) -> PointBatch:
 
 
 class _SplitsDataModule(pl.LightningDataModule):
-    """Loaders over in-memory ``train`` / ``val`` / ``test`` sets (subclasses fill ``self._sets``)."""
+    """Loaders over in-memory ``train`` / ``val`` / ``test`` sets (subclasses fill ``self._sets``).
+
+    The training order is a permutation drawn from ``(shuffle_seed, epoch)`` (a ``DistributedSampler``, also
+    with one process, whose epoch Lightning sets), never from the default generator: a run resumed at an
+    epoch boundary sees the batches an uninterrupted run sees.
+    """
 
     batch_size: int
     num_workers: int
+    shuffle_seed: int = 0
 
     def __init__(self) -> None:
         super().__init__()
@@ -76,11 +83,20 @@ class _SplitsDataModule(pl.LightningDataModule):
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader[Any]:
         dataset = self._sets[name]
+        sampler: DistributedSampler[int] | None = None
+        per_rank = len(dataset)
+        if shuffle:
+            trainer = self.trainer
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+            sampler = DistributedSampler(
+                dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.shuffle_seed
+            )
+            per_rank = len(sampler)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(dataset) % self.batch_size == 1,  # no single-sample BatchNorm batch
+            sampler=sampler,
+            drop_last=shuffle and per_rank % self.batch_size == 1,  # no single-sample BatchNorm batch
             num_workers=self.num_workers,
             collate_fn=_collate,
             persistent_workers=self.num_workers > 0,

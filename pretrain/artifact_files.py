@@ -34,6 +34,7 @@ __all__ = [
     "load_state_strict",
     "read_artifact_meta",
     "save_artifact",
+    "state_mismatch",
 ]
 
 ARTIFACT_FORMAT = "pcpt-encoder/1"
@@ -191,6 +192,43 @@ def load_artifact_tensors(
     return tensors, meta
 
 
+def state_mismatch(
+    expected: Mapping[str, Tensor],
+    given: Mapping[str, Any],
+    *,
+    expected_missing: frozenset[str] | set[str] = frozenset(),
+) -> list[str]:
+    """How a state dict differs from the one a module expects, one phrase per kind of problem.
+
+    Args:
+        expected: the module's ``state_dict()``.
+        given: the weights to load (non-tensor entries are ignored).
+        expected_missing: keys allowed to be absent from ``given``.
+
+    Returns:
+        ``[]`` when every key matches in name and shape; else phrases naming the first few missing keys,
+        unexpected keys and keys of other shapes (``"other shapes for ['k (2, 3) (spec: (4, 3))']"``).
+    """
+    want = {k: tuple(v.shape) for k, v in expected.items()}
+    got = {k: tuple(v.shape) for k, v in given.items() if isinstance(v, Tensor)}
+    missing = sorted(set(want) - set(got) - set(expected_missing))
+    unexpected = sorted(set(got) - set(want))
+    shapes = [f"{k} {got[k]} (spec: {want[k]})" for k in sorted(set(want) & set(got)) if want[k] != got[k]]
+
+    def some(items: list[str]) -> str:
+        return repr(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+    return [
+        f"{label} {some(items)}"
+        for label, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("other shapes for", shapes),
+        )
+        if items
+    ]
+
+
 def load_state_strict(
     module: torch.nn.Module,
     state: Mapping[str, Tensor],
@@ -201,24 +239,10 @@ def load_state_strict(
     """``load_state_dict`` that fails on unexpected keys, unexpected missing keys or shape mismatches.
 
     Raises:
-        WeightsMismatchError: a RuntimeError naming ``source``, the missing and the unexpected keys.
+        WeightsMismatchError: a RuntimeError naming ``source`` and the differing keys (see
+            :func:`state_mismatch`).
     """
-    own = module.state_dict()
-    shapes = [
-        f"{key} {tuple(value.shape)} (spec: {tuple(own[key].shape)})"
-        for key, value in state.items()
-        if key in own and tuple(value.shape) != tuple(own[key].shape)
-    ]
-    if shapes:
-        listed = ", ".join(shapes[:3]) + (f" and {len(shapes) - 3} more" if len(shapes) > 3 else "")
-        raise WeightsMismatchError(
-            f"{source}: weights do not fit the encoder spec: other shapes for {listed}"
-        )
-    result = module.load_state_dict(dict(state), strict=False)
-    missing = sorted(set(result.missing_keys) - set(expected_missing))
-    unexpected = sorted(result.unexpected_keys)
-    if missing or unexpected:
-        raise WeightsMismatchError(
-            f"{source}: weights do not match the encoder spec: missing keys {missing}, "
-            f"unexpected keys {unexpected}"
-        )
+    problems = state_mismatch(module.state_dict(), state, expected_missing=expected_missing)
+    if problems:
+        raise WeightsMismatchError(f"{source}: weights do not fit the spec: {'; '.join(problems)}")
+    module.load_state_dict(dict(state), strict=False)

@@ -24,6 +24,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from datapipes.errors import UserError
+from pretrain.artifact_files import state_mismatch
 from pretrain.checkpoint import CKPT_META_KEY, ArtifactError, read_checkpoint_file
 
 __all__ = ["RUN_DIR_ENV", "PcptLightningCLI", "check_resume_checkpoint", "run_lightning"]
@@ -65,20 +66,7 @@ def check_resume_checkpoint(
     saved_method = info.get("method") if isinstance(info, Mapping) else None
     if method and saved_method and saved_method != method:
         raise UserError(f"{path}: a checkpoint of method {saved_method!r}, the config trains {method!r}")
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
-    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    shapes = sorted(k for k in set(want) & set(got) if want[k] != got[k])
-
-    def some(keys: list[str]) -> str:
-        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-
-    problems = [
-        *([f"missing keys {some(missing)}"] if missing else []),
-        *([f"unexpected keys {some(unexpected)}"] if unexpected else []),
-        *([f"other shapes for {some(shapes)} (e.g. {shapes[0]}: {got[shapes[0]]} vs {want[shapes[0]]})"]
-          if shapes else []),
-    ]  # fmt: skip
+    problems = state_mismatch(model.state_dict(), state)
     if problems:
         raise UserError(f"{path}: weights do not fit the configured model: {'; '.join(problems)}")
 

@@ -76,3 +76,25 @@ def test_val_split_equal_to_test_split_is_refused(demo: Path) -> None:
 
     with pytest.raises(UserError, match="test split"):
         ClassificationDataModule(str(demo), val_split="test")
+
+
+def test_resumed_finetuning_ends_with_the_weights_of_an_uninterrupted_run(
+    demo: Path, artifact: Path, tmp_path: Path
+) -> None:
+    """Head dropout, drop-path, the training order and the augmentations all come from checkpointed state."""
+    every_epoch = [
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={tmp_path / 'epochs'}",
+        "--trainer.callbacks.every_n_epochs=1",
+        "--trainer.callbacks.save_top_k=-1",
+        "--skip_test=true",
+    ]
+    assert finetune_main([*_fit_args(demo, artifact, tmp_path / "straight"), *every_epoch]) == 0
+    (first,) = (tmp_path / "epochs").glob("epoch=0-*.ckpt")
+    resumed = tmp_path / "resumed"
+    assert finetune_main([*_fit_args(demo, artifact, resumed), "--skip_test=true", f"--ckpt_path={first}"]) == 0
+    (second,) = (tmp_path / "epochs").glob("epoch=1-*.ckpt")
+    want = torch.load(second, map_location="cpu", weights_only=True)["state_dict"]
+    got = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    different = [k for k in want if not torch.equal(want[k], got[k])]
+    assert not different, different[:5]

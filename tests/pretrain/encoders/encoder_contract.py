@@ -87,6 +87,7 @@ class EncoderContract(ABC):
         assert not torch.allclose(replaced.tokens, enc(tokens, groups.centers).tokens)
 
     def test_every_parameter_gets_a_gradient(self, gen: torch.Generator) -> None:
+        torch.manual_seed(0)  # drop-path draws from the default generator: fix the draws, keep the test exact
         enc = self.make().train()
         g = enc.spec.num_groups
         groups, tokens = enc.tokenize(self.clouds(2, gen))
