@@ -92,9 +92,13 @@ def test_resumed_finetuning_ends_with_the_weights_of_an_uninterrupted_run(
     assert finetune_main([*_fit_args(demo, artifact, tmp_path / "straight"), *every_epoch]) == 0
     (first,) = (tmp_path / "epochs").glob("epoch=0-*.ckpt")
     resumed = tmp_path / "resumed"
-    assert finetune_main([*_fit_args(demo, artifact, resumed), "--skip_test=true", f"--ckpt_path={first}"]) == 0
+    assert (
+        finetune_main([*_fit_args(demo, artifact, resumed), "--skip_test=true", f"--ckpt_path={first}"]) == 0
+    )
     (second,) = (tmp_path / "epochs").glob("epoch=1-*.ckpt")
     want = torch.load(second, map_location="cpu", weights_only=True)["state_dict"]
-    got = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    got = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
+        "state_dict"
+    ]
     different = [k for k in want if not torch.equal(want[k], got[k])]
     assert not different, different[:5]
