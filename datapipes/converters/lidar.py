@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from datapipes.converters.base import Converter, ConvertOptions, Plan, RawCloud, Reject, WorkItem
+from datapipes.converters.las import scene_info
 from datapipes.converters.sources import check_file, make_key, require_dir
 from datapipes.errors import UserError
 
@@ -43,7 +44,8 @@ class Kitti(Converter):
             splits.setdefault(split, []).append(WorkItem(key, split, rel.as_posix(), str(path)))
         if not splits:
             raise UserError(f"{src}: no .bin frames found")
-        return Plan(splits=splits, classes=[], channels={"feat": ("intensity",)})
+        info = scene_info(options, "sensor (Velodyne: x forward, y left, z up)")
+        return Plan(splits=splits, classes=[], channels={"feat": ("intensity",)}, info=info)
 
     def read(self, item: WorkItem, options: ConvertOptions) -> RawCloud:
         """Reads one frame."""
