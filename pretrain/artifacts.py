@@ -107,6 +107,7 @@ def register_artifact_kind(kind: ArtifactKind) -> ArtifactKind:
 
 def _builtin_kinds() -> None:
     import pretrain.dvae  # noqa: F401  (registers dvae_tokenizer)
+    from pretrain import scene_encoder  # noqa: F401  (registers scene_encoder)
 
 
 def artifact_kind(name: str) -> ArtifactKind:

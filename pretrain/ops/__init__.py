@@ -7,7 +7,7 @@ Point-BERT / Point-MAE (pointnet2_ops FPS, KNN_CUDA, chamfer_dist) without compi
 
 from pretrain.ops.chamfer import chamfer_distance, nearest_sqdist
 from pretrain.ops.grouping import PatchGroups, gather_points, group_points
-from pretrain.ops.masking import block_group_mask, random_group_mask, split_by_mask
+from pretrain.ops.masking import block_group_mask, random_group_mask, random_segment_mask, split_by_mask
 from pretrain.ops.neighbors import knn, pairwise_sqdist
 from pretrain.ops.sampling import farthest_point_sample
 from pretrain.ops.transforms import normalize_unit_sphere, random_point_subset, scale_and_translate
@@ -25,6 +25,7 @@ __all__ = [
     "pairwise_sqdist",
     "random_group_mask",
     "random_point_subset",
+    "random_segment_mask",
     "scale_and_translate",
     "split_by_mask",
 ]

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["block_group_mask", "random_group_mask", "split_by_mask"]
+__all__ = ["block_group_mask", "random_group_mask", "random_segment_mask", "split_by_mask"]
 
 
 def random_group_mask(
@@ -50,6 +50,51 @@ def random_group_mask(
     order = noise.argsort(dim=1)[:, :num_masked]
     mask = torch.zeros(batch, num_groups, dtype=torch.bool, device=draw_device)
     return mask.scatter_(1, order, True).to(device if device is not None else "cpu")
+
+
+def random_segment_mask(
+    segment: Tensor,
+    ratio: float,
+    *,
+    num_segments: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Uniformly random mask of ``int(ratio * n_s)`` tokens in every segment of a packed token set.
+
+    The sparse analogue of :func:`random_group_mask` for samples with different token counts, e.g. the
+    non-empty pillars of LiDAR scans (GeoMAE's ``get_vanilla_mask_index``: 70 % of each scan's pillars).
+
+    Args:
+        segment: (P,) long sample index of every token (any order).
+        ratio: masked fraction in ``[0, 1]``, floored per segment.
+        num_segments: number of segments (default ``segment.max() + 1``).
+        generator: random source (drawn on its device, then moved to ``segment``'s device).
+
+    Shapes:
+        returns: (P,) bool, True = masked.
+
+    Raises:
+        ValueError: ``segment`` is not 1-D integer, has negative entries, or ``ratio`` is not in ``[0, 1]``.
+    """
+    _check_ratio("ratio", ratio)
+    if segment.ndim != 1 or segment.dtype.is_floating_point or segment.dtype == torch.bool:
+        raise ValueError(f"segment must be a 1-D integer tensor, got {segment.dtype} {tuple(segment.shape)}")
+    if segment.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool, device=segment.device)
+    if int(segment.min()) < 0:
+        raise ValueError("segment indices must be >= 0")
+    count = num_segments if num_segments is not None else int(segment.max()) + 1
+    noise = torch.rand(segment.numel(), generator=generator, device=_draw_device(generator))
+    seg = segment.to(noise.device)
+    order = noise.argsort()
+    order = order[seg[order].argsort(stable=True)]  # grouped by segment, random order inside each
+    sizes = torch.bincount(seg, minlength=count)
+    starts = sizes.cumsum(0) - sizes
+    rank = torch.arange(seg.numel(), device=seg.device) - starts[seg[order]]
+    quota = (sizes.double() * ratio).floor().long()
+    mask = torch.zeros(seg.numel(), dtype=torch.bool, device=seg.device)
+    mask[order] = rank < quota[seg[order]]
+    return mask.to(segment.device)
 
 
 def block_group_mask(

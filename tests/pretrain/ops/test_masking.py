@@ -185,3 +185,40 @@ def test_masks_are_the_same_on_cuda() -> None:
     cpu = block_group_mask(centers, (0.25, 0.45), generator=torch.Generator().manual_seed(0))
     gpu = block_group_mask(centers.cuda(), (0.25, 0.45), generator=torch.Generator().manual_seed(0))
     assert torch.equal(cpu, gpu.cpu())
+
+
+# ------------------------------------------------------------------------------------ random_segment_mask
+def test_random_segment_mask_masks_the_floor_of_each_segments_share() -> None:
+    from pretrain.ops.masking import random_segment_mask
+
+    gen = torch.Generator().manual_seed(3)
+    sizes = [1, 2, 7, 100, 0, 33]
+    segment = torch.cat([torch.full((n,), s, dtype=torch.long) for s, n in enumerate(sizes)])
+    segment = segment[torch.randperm(segment.numel(), generator=gen)]  # any order
+    mask = random_segment_mask(segment, 0.7, num_segments=len(sizes), generator=gen)
+    for s, n in enumerate(sizes):
+        assert int(mask[segment == s].sum()) == int(0.7 * n)
+
+
+def test_random_segment_mask_is_seeded_and_uniform() -> None:
+    from pretrain.ops.masking import random_segment_mask
+
+    segment = torch.tensor([0] * 4 + [1] * 6)
+    first = random_segment_mask(segment, 0.5, generator=torch.Generator().manual_seed(0))
+    again = random_segment_mask(segment, 0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(first, again)
+    counts = torch.zeros(10)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2000):
+        counts += random_segment_mask(segment, 0.5, generator=gen).float()
+    # every token of segment 0 is masked with probability 2/4, of segment 1 with 3/6
+    assert torch.allclose(counts / 2000, torch.full((10,), 0.5), atol=0.05)
+
+
+def test_random_segment_mask_rejects_bad_segments() -> None:
+    from pretrain.ops.masking import random_segment_mask
+
+    with pytest.raises(ValueError, match="1-D integer"):
+        random_segment_mask(torch.zeros(3), 0.5)
+    with pytest.raises(ValueError, match=">= 0"):
+        random_segment_mask(torch.tensor([0, -1]), 0.5)
