@@ -149,14 +149,14 @@ def embed_clouds(
 
 
 #: the arrays a features file written by :func:`write_features` can hold.
-FEATURE_NAMES = frozenset({"tokens", "centers", "pooled", "token_ids"})
+FEATURE_NAMES = frozenset({"tokens", "centers", "pooled", "token_ids", "features", "cells"})
 
 
 def check_features_destination(path: str | Path) -> None:
     """Refuses an output path that would replace something pcpt did not write.
 
-    A new path, or an existing ``.npz`` holding only pcpt feature arrays (``tokens``, ``centers``,
-    ``pooled``, ``token_ids``), is accepted.
+    A new path, or an existing ``.npz`` holding only pcpt feature arrays (:data:`FEATURE_NAMES`), is
+    accepted.
 
     Raises:
         UserError: the path is a directory, or an existing file that is not a pcpt features file.

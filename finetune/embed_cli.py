@@ -1,4 +1,6 @@
-"""``pcpt-finetune embed``: per-cloud features of a frozen encoder (or token ids of a dVAE tokenizer).
+"""``pcpt-finetune embed``: per-cloud features of a frozen encoder (or dVAE token ids, or scan pillars).
+
+A dVAE tokenizer artifact gives token ids; a scene encoder artifact gives per-pillar features of one scan.
 
 :func:`add_embed_parser` adds the subcommand to a ``pcpt-finetune`` parser and sets ``handler`` to
 :func:`run_embed_command`.
@@ -25,11 +27,15 @@ def run_embed_command(args: argparse.Namespace) -> int:
     from pretrain.checkpoint import load_encoder, read_artifact_meta
     from pretrain.dvae import DVAE_KIND, DiscreteVAE, load_dvae
     from pretrain.encoders import PointEncoder
+    from pretrain.scene_encoder import SCENE_ENCODER_KIND
 
     check_features_destination(args.out)  # before any work
     device = resolve_device(args.device)
     model: PointEncoder | DiscreteVAE
-    if read_artifact_meta(args.artifact).get("kind") == DVAE_KIND:
+    kind = read_artifact_meta(args.artifact).get("kind")
+    if kind == SCENE_ENCODER_KIND:
+        return run_scene_embed(args, device)
+    if kind == DVAE_KIND:
         model, meta = load_dvae(args.artifact)
         min_points = max(model.spec.num_groups, model.spec.group_size)
         trained_points = None  # the point-count note is about encoders
@@ -82,6 +88,38 @@ def run_embed_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_scene_embed(args: argparse.Namespace, device: str) -> int:
+    """``pcpt-finetune embed`` with a ``scene_encoder`` artifact: per-pillar features of one scan."""
+    from finetune.embed import write_features
+    from finetune.scene_embed import embed_scan, load_scan
+    from pretrain.scene_encoder import load_scene_encoder
+
+    encoder, meta = load_scene_encoder(args.artifact)
+    xyz, feats = load_scan(args.input, tuple(encoder.spec.point_channels))
+    try:
+        features = embed_scan(encoder, xyz, feats, device=device)
+    except UserError as err:
+        raise UserError(f"{args.input}: {err}") from err
+    out = write_features(args.out, features)
+    if args.json:
+        print_json(
+            {
+                "artifact": str(args.artifact),
+                "input": str(args.input),
+                "out": str(out),
+                "kind": meta["kind"],
+                "num_points": int(xyz.shape[0]),
+                "num_pillars": int(features["features"].shape[0]),
+                "point_channels": list(encoder.spec.point_channels),
+                "shapes": {name: list(array.shape) for name, array in features.items()},
+            }
+        )
+    else:
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in features.items())
+        print(f"wrote {out}: {shapes}")
+    return 0
+
+
 def add_embed_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Adds ``embed`` to a ``pcpt-finetune`` subparsers object and returns its parser."""
     p: argparse.ArgumentParser = subparsers.add_parser(
@@ -92,13 +130,21 @@ def add_embed_parser(subparsers: Any) -> argparse.ArgumentParser:
         "centres; pooled (B, 2D) global feature = concat[CLS, max over tokens] when the encoder has a CLS "
         "token, else concat[max, mean]. D is the encoder width, G its number of patches. A single cloud "
         "(N, 3) gives B = 1. With a Point-BERT dVAE tokenizer artifact (kind dvae_tokenizer) the .npz holds "
-        "token_ids (B, G) int64 codebook indices and centers (B, G, 3) instead.",
+        "token_ids (B, G) int64 codebook indices and centers (B, G, 3) instead. With a scene encoder "
+        "artifact (kind scene_encoder, from GeoMAE scene pre-training) the input is one LiDAR scan, a "
+        ".las/.laz file or a .npy (N, 3 + C) of x, y, z and the encoder's point channels, and the .npz holds "
+        "features (P, D) of the P non-empty pillars, cells (P, 2) their grid indices and centers (P, 2) "
+        "their metric xy centres.",
     )
     p.add_argument(
         "artifact", metavar="ART", type=Path, help="encoder (or dVAE tokenizer) artifact directory"
     )
     p.add_argument(
-        "--input", required=True, type=Path, metavar="CLOUDS.npy", help="float32 points (B, N, 3) or (N, 3)"
+        "--input",
+        required=True,
+        type=Path,
+        metavar="CLOUDS.npy",
+        help="float32 points (B, N, 3) or (N, 3); for a scene encoder one scan: .las/.laz or .npy (N, 3 + C)",
     )
     p.add_argument("--out", required=True, type=Path, metavar="FEATURES.npz", help="output .npz file")
     p.add_argument(

@@ -1,4 +1,6 @@
-"""Loss functions of Point-BERT (Yu et al., CVPR 2022), pure and batched (no ``torch.distributed`` inside).
+"""Loss functions of the pre-training methods, pure and batched (no ``torch.distributed`` inside).
+
+Point-BERT (Yu et al., CVPR 2022):
 
 * :func:`dvae_kl_uniform`: the dVAE's codebook-usage prior, ``KL(u ‖ q̄)`` with ``q̄`` the softmax averaged
   over the patches of a cloud and ``u`` uniform, divided by the batch size, exactly as the official
@@ -9,6 +11,13 @@
   mixed cloud against the in-batch keys and a queue, with soft targets ``ρ`` (own key) and ``1 - ρ`` (the
   key of the mixing partner, the batch mirrored).
 * :func:`moco_loss`: the plain MoCo term (off in the released configuration).
+
+GeoMAE (Tian et al., CVPR 2023), the terms of ``forward_loss`` with ``mse_loss=True``:
+
+* :func:`masked_mse`: squared error averaged over the coordinates, then over the valid targets (centroids,
+  normals, curvature).
+* :func:`occupancy_bce`: mmdet's ``CrossEntropyLoss(use_sigmoid=True)`` on two logits per slot against the
+  one-hot occupancy, i.e. element-wise binary cross-entropy averaged over every slot and both logits.
 """
 
 from __future__ import annotations
@@ -19,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["dvae_kl_uniform", "masked_token_ce", "mixup_contrastive_loss", "moco_loss"]
+__all__ = [
+    "dvae_kl_uniform",
+    "masked_mse",
+    "masked_token_ce",
+    "mixup_contrastive_loss",
+    "moco_loss",
+    "occupancy_bce",
+]
 
 
 def dvae_kl_uniform(logits: Tensor) -> Tensor:
@@ -133,3 +149,62 @@ def moco_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor
     positive = (q * k).sum(dim=1, keepdim=True)
     logits = torch.cat([positive, q @ queue.to(q.dtype)], dim=1).float() / temperature
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+def masked_mse(prediction: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Squared error averaged over the last dimension, then over the valid targets.
+
+    Args:
+        prediction: (..., C) predictions.
+        target: (..., C) targets, same shape.
+        valid: optional bool (...) selecting the scored targets (e.g. occupied sub-voxels); None scores all.
+
+    Returns:
+        () scalar; 0 (still connected to ``prediction``) when no target is valid.
+
+    Raises:
+        ValueError: mismatched shapes or a non-bool ``valid``.
+    """
+    if prediction.shape != target.shape:
+        raise ValueError(
+            f"prediction and target must have the same shape, got {tuple(prediction.shape)} and "
+            f"{tuple(target.shape)}"
+        )
+    per_target = (prediction.float() - target.float()).square().mean(dim=-1)
+    if valid is None:
+        return per_target.mean() if per_target.numel() else prediction.sum() * 0.0
+    if valid.dtype != torch.bool or valid.shape != per_target.shape:
+        raise ValueError(
+            f"valid must be a bool tensor of shape {tuple(per_target.shape)}, got {valid.dtype} "
+            f"{tuple(valid.shape)}"
+        )
+    if not bool(valid.any()):
+        return prediction.sum() * 0.0
+    return per_target[valid].mean()
+
+
+def occupancy_bce(logits: Tensor, occupied: Tensor) -> Tensor:
+    """Binary cross-entropy of two logits per slot against the one-hot occupancy, averaged over everything.
+
+    ``mean over slots and both logits of BCE(logit_0, 1 - occ) and BCE(logit_1, occ)``: what mmdet's
+    ``CrossEntropyLoss(use_sigmoid=True)`` computes on GeoMAE's 2-logit occupancy heads.
+
+    Args:
+        logits: (..., 2) logits (empty, occupied).
+        occupied: bool (...) occupancy targets.
+
+    Returns:
+        () scalar; 0 (still connected to ``logits``) for no slots.
+
+    Raises:
+        ValueError: mismatched shapes or a non-bool ``occupied``.
+    """
+    if logits.shape[-1:] != (2,) or occupied.shape != logits.shape[:-1] or occupied.dtype != torch.bool:
+        raise ValueError(
+            f"need logits (..., 2) and bool occupied (...); got {tuple(logits.shape)} and {occupied.dtype} "
+            f"{tuple(occupied.shape)}"
+        )
+    if not occupied.numel():
+        return logits.sum() * 0.0
+    one_hot = F.one_hot(occupied.long(), 2).to(torch.float32)
+    return F.binary_cross_entropy_with_logits(logits.float(), one_hot)
