@@ -19,8 +19,8 @@ _DESCRIPTION = """\
 Convert a raw dataset into pcpt shards (OUT/<split>-NNNNNN.tar + manifest.json + rejected.jsonl).
 
 Meshes are sampled on the surface (--points, default 8192) with face normals; objects are centred and
-scaled to the unit sphere (not kitti, not scanobjectnn, unless --normalize); points are stored in
-farthest-point order (not kitti, unless --fps). Running the same command again resumes: complete shards
+scaled to the unit sphere (not kitti, las or scanobjectnn, unless --normalize); points are stored in
+farthest-point order (not kitti or las, unless --fps). Running the same command again resumes: complete shards
 are verified and kept, the rest is recomputed. Local processes (--workers N) and Ray (--engine ray) give
 byte-identical shards.
 
@@ -79,7 +79,7 @@ def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--normalize",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="centre and scale to the unit sphere (default: on, off for kitti and scanobjectnn)",
+        help="centre and scale to the unit sphere (default: on, off for kitti, las and scanobjectnn)",
     )
     g.add_argument(
         "--normals",
@@ -90,7 +90,7 @@ def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--fps",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="store points in farthest-point order (default: on, off for kitti)",
+        help="store points in farthest-point order (default: on, off for kitti and las)",
     )
     g.add_argument("--seed", type=int, default=0, help="base seed of sampling, splits and order (default 0)")
     g.add_argument(

@@ -68,7 +68,8 @@ class GeoMAEScene(PretrainModule):
         med_occupancy_weight: weight of the med occupancy term.
         normal_weight: weight of the normal term.
         curvature_weight: weight of the curvature term (0: not trained, as the released config).
-        augment: apply the global scene augmentation while training.
+        scene_augment: apply the global scene augmentation while training (named apart from the data
+            module's ``augment``, its per-cloud transforms, which scenes leave at ``none``).
         rotation: rotation about z drawn from U(-rotation, rotation) radians.
         scale: global scale drawn from U(scale[0], scale[1]).
         flip_x: probability of negating x (mmdet3d's "vertical" BEV flip).
@@ -95,7 +96,7 @@ class GeoMAEScene(PretrainModule):
         med_occupancy_weight: float = 2.0,
         normal_weight: float = 4.0,
         curvature_weight: float = 4.0,
-        augment: bool = True,
+        scene_augment: bool = True,
         rotation: float = 0.3925,
         scale: tuple[float, float] = (0.95, 1.05),
         flip_x: float = 0.5,
@@ -129,7 +130,7 @@ class GeoMAEScene(PretrainModule):
         self.mask_ratio = mask_ratio
         self.low_ratio, self.med_ratio = tuple(low_ratio), tuple(med_ratio)
         self.normal_sign: Literal["viewpoint", "none"] = normal_sign
-        self.augment = augment
+        self.scene_augment = scene_augment
         self.augment_args = {"rotation": rotation, "scale": tuple(scale), "flip_x": flip_x, "flip_y": flip_y}
         spec, dim = encoder, encoder.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, dim))
@@ -271,7 +272,7 @@ class GeoMAEScene(PretrainModule):
         return torch.stack([self.weights[name] * value for name, value in terms.items()]).sum()
 
     def _step(self, batch: Any, generator: torch.Generator, stage: str) -> Tensor:
-        terms = self.loss_terms(batch, generator, augment=self.augment and stage == "train")
+        terms = self.loss_terms(batch, generator, augment=self.scene_augment and stage == "train")
         loss = self.total_loss(terms)
         size, sync = len(batch) if hasattr(batch, "__len__") else 1, stage == "val"
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=size, sync_dist=sync)

@@ -47,7 +47,7 @@ def scene_batch(counts: list[int], seed: int = 0) -> SimpleNamespace:
 
 
 def test_loss_scores_the_masked_pillars_of_scans_of_very_different_sizes() -> None:
-    model = tiny_model(augment=False).eval()
+    model = tiny_model(scene_augment=False).eval()
     batch = scene_batch([40, 6000])
     points, valid, feats = model.scene_inputs(batch)
     pillars, tokens = model.encoder.embed(points, valid, feats)
@@ -122,7 +122,10 @@ def test_las_to_scene_pretraining_to_embed_through_the_clis(tmp_path: Path) -> N
     assert data_main(["convert", "las", str(tmp_path / "las"), str(shards)]) == 0
     art = tmp_path / "art"
     args = [*TINY_SCENE, f"--data.data_root={shards}", f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.max_steps=2", f"--export_dir={art}"]  # fmt: skip
+            "--trainer.max_steps=2", f"--export_dir={art}",
+            # a logger merges the model's and the data module's hyperparameters: their names must not clash
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.save_dir={tmp_path / 'logs'}"]  # fmt: skip
     assert pretrain_main(["fit", *args]) == 0
     encoder, meta = load_scene_encoder(art)
     assert meta["kind"] == "scene_encoder"
@@ -130,7 +133,7 @@ def test_las_to_scene_pretraining_to_embed_through_the_clis(tmp_path: Path) -> N
     assert meta["provenance"]["step"] == 2
     assert meta["data_contract"]["normalization"] == "none"
     assert meta["data_contract"]["channels"] == ["x", "y", "z", "intensity"]
-    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    (ckpt,) = (tmp_path / "logs").rglob("last.ckpt")
     assert pretrain_main(["export", str(ckpt), str(tmp_path / "exported")]) == 0
     exported, _ = load_scene_encoder(tmp_path / "exported")
     for (key, a), (_, b) in zip(encoder.state_dict().items(), exported.state_dict().items()):
@@ -193,3 +196,29 @@ def test_embed_names_a_scan_with_the_wrong_columns(
     err = capsys.readouterr().err
     assert "scan.npy" in err
     assert "(N, 4)" in err
+
+
+@pytest.mark.ddp
+def test_two_process_gloo_ddp_on_scans_of_different_sizes(tmp_path: Path) -> None:
+    """Two CPU ranks (in-memory data): disjoint scans of different pillar counts, identical weights."""
+    from tests.pretrain.methods.tiny_cli import fit_two_ranks
+
+    write_las_scans(tmp_path / "las", 8, points=300)
+    shards = tmp_path / "shards"
+    assert data_main(["convert", "las", str(tmp_path / "las"), str(shards), "--shard-size", "2"]) == 0
+    record = tmp_path / "record"
+    args = [
+        *TINY_SCENE,
+        f"--data.data_root={shards}",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.max_epochs=1",
+        "--data.streaming=false",
+    ]
+    ranks = fit_two_ranks(args, callback="tests.pretrain.methods.record_callback.RecordRank", record=record)
+    # 8 scans / (batch 2 x 2 ranks) = 2 batches per rank
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 2
+    keys = [{key for batch in r["keys"] for key in batch} for r in ranks]
+    assert not keys[0] & keys[1]
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    _, meta = load_scene_encoder(tmp_path / "encoder")
+    assert meta["provenance"]["step"] == 2
