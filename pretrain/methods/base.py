@@ -68,6 +68,7 @@ class PretrainModule(pl.LightningModule):
         self.num_points, self.normalization, self.seed = num_points, normalization, seed
         self.fps_ordered_data = False
         self.provenance_extra: dict[str, Any] = {}
+        self.loss_weights: dict[str, float] = {}  # methods with several loss terms: set_loss_weights
 
     # ----------------------------------------------------------------------------------------- randomness
     def step_generator(self, batch_idx: int = 0, stream: int = 0) -> torch.Generator:
@@ -138,6 +139,28 @@ class PretrainModule(pl.LightningModule):
             **provenance,
         }
         return save_module_artifact(out_dir, self.exported(), data=self.data_contract, provenance=info)
+
+    # -------------------------------------------------------------------------------------- loss terms
+    def set_loss_weights(self, weights: Mapping[str, float]) -> None:
+        """Stores the weights of named loss terms (see :meth:`total_loss`).
+
+        Raises:
+            ValueError: a negative weight, or all weights 0.
+        """
+        if any(w < 0 for w in weights.values()) or not any(weights.values()):
+            raise ValueError(f"loss weights must be >= 0 and not all 0, got {dict(weights)}")
+        self.loss_weights = dict(weights)
+
+    def total_loss(self, terms: Mapping[str, Tensor]) -> Tensor:
+        """Weighted sum of named loss terms with the weights of :meth:`set_loss_weights`."""
+        return torch.stack([self.loss_weights[name] * value for name, value in terms.items()]).sum()
+
+    def log_loss(self, stage: str, loss: Tensor, terms: Mapping[str, Tensor], batch_size: int) -> None:
+        """Logs ``<stage>/loss`` (progress bar) and every term as ``<stage>/<name>``; synced in validation."""
+        sync = stage == "val"
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=sync)
+        for name, value in terms.items():
+            self.log(f"{stage}/{name}", value, batch_size=batch_size, sync_dist=sync)
 
     @staticmethod
     def batch_points(batch: Any) -> Tensor:

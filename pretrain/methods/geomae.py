@@ -88,17 +88,16 @@ class GeoMAE(PretrainModule):
             )
         if sub_cells < 1:
             raise ValueError(f"sub_cells must be >= 1, got {sub_cells}")
-        self.weights = {
-            "centroid": centroid_weight,
-            "sub_centroid": sub_centroid_weight,
-            "occupancy": occupancy_weight,
-            "normal": normal_weight,
-            "curvature": curvature_weight,
-            "chamfer": chamfer_weight,
-        }
-        negative = {name: w for name, w in self.weights.items() if w < 0}
-        if negative or not any(self.weights.values()):
-            raise ValueError(f"loss weights must be >= 0 and not all 0, got {self.weights}")
+        self.set_loss_weights(
+            {
+                "centroid": centroid_weight,
+                "sub_centroid": sub_centroid_weight,
+                "occupancy": occupancy_weight,
+                "normal": normal_weight,
+                "curvature": curvature_weight,
+                "chamfer": chamfer_weight,
+            }
+        )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.mask_ratio, self.mask_type = mask_ratio, mask_type
         self.sub_cells, self.normal_sign = sub_cells, normal_sign
@@ -182,18 +181,11 @@ class GeoMAE(PretrainModule):
             )
         return terms
 
-    def total_loss(self, terms: dict[str, Tensor]) -> Tensor:
-        """Weighted sum of the loss terms."""
-        return torch.stack([self.weights[name] * value for name, value in terms.items()]).sum()
-
     def _step(self, batch: Any, generator: torch.Generator, stage: str) -> Tensor:
         points = self.batch_points(batch)
         terms = self.loss_terms(points, generator=generator)
         loss = self.total_loss(terms)
-        sync = stage == "val"
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=points.shape[0], sync_dist=sync)
-        for name, value in terms.items():
-            self.log(f"{stage}/{name}", value, batch_size=points.shape[0], sync_dist=sync)
+        self.log_loss(stage, loss, terms, points.shape[0])
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

@@ -38,17 +38,6 @@ from pretrain.scene_encoder import PillarSceneEncoder, SceneEncoderSpec
 
 __all__ = ["GeoMAEScene"]
 
-#: loss terms -> GeoMAE's weights (``loss_ratio_*`` of the released config; curvature is pcpt's).
-DEFAULT_WEIGHTS: dict[str, float] = {
-    "low_centroid": 10.0,
-    "med_centroid": 8.0,
-    "top_centroid": 10.0,
-    "low_occupancy": 5.0,
-    "med_occupancy": 2.0,
-    "normal": 4.0,
-    "curvature": 4.0,
-}
-
 
 class GeoMAEScene(PretrainModule):
     """Masked geometric-target prediction on the pillars of LiDAR scans.
@@ -114,17 +103,17 @@ class GeoMAEScene(PretrainModule):
         for name, ratio in (("low_ratio", low_ratio), ("med_ratio", med_ratio)):
             if len(ratio) != 3 or min(ratio) < 1:
                 raise ValueError(f"{name} must be three sub-voxel counts >= 1 along (x, y, z), got {ratio}")
-        self.weights = {
-            "low_centroid": low_centroid_weight,
-            "med_centroid": med_centroid_weight,
-            "top_centroid": top_centroid_weight,
-            "low_occupancy": low_occupancy_weight,
-            "med_occupancy": med_occupancy_weight,
-            "normal": normal_weight,
-            "curvature": curvature_weight,
-        }
-        if any(w < 0 for w in self.weights.values()) or not any(self.weights.values()):
-            raise ValueError(f"loss weights must be >= 0 and not all 0, got {self.weights}")
+        self.set_loss_weights(
+            {
+                "low_centroid": low_centroid_weight,
+                "med_centroid": med_centroid_weight,
+                "top_centroid": top_centroid_weight,
+                "low_occupancy": low_occupancy_weight,
+                "med_occupancy": med_occupancy_weight,
+                "normal": normal_weight,
+                "curvature": curvature_weight,
+            }
+        )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.encoder = PillarSceneEncoder(encoder)
         self.mask_ratio = mask_ratio
@@ -219,7 +208,7 @@ class GeoMAEScene(PretrainModule):
         """The unweighted loss terms of a batch of scans.
 
         Returns:
-            One () scalar per target (keys of :data:`DEFAULT_WEIGHTS`).
+            One () scalar per target (the keys of ``loss_weights``).
 
         Raises:
             ValueError: a batch without any pillar inside the point range.
@@ -267,17 +256,10 @@ class GeoMAEScene(PretrainModule):
             "curvature": masked_mse(out["curvature"], target.curvature[masked]),
         }
 
-    def total_loss(self, terms: dict[str, Tensor]) -> Tensor:
-        """Weighted sum of the loss terms."""
-        return torch.stack([self.weights[name] * value for name, value in terms.items()]).sum()
-
     def _step(self, batch: Any, generator: torch.Generator, stage: str) -> Tensor:
         terms = self.loss_terms(batch, generator, augment=self.scene_augment and stage == "train")
         loss = self.total_loss(terms)
-        size, sync = len(batch) if hasattr(batch, "__len__") else 1, stage == "val"
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=size, sync_dist=sync)
-        for name, value in terms.items():
-            self.log(f"{stage}/{name}", value, batch_size=size, sync_dist=sync)
+        self.log_loss(stage, loss, terms, len(batch) if hasattr(batch, "__len__") else 1)
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

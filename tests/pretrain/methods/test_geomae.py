@@ -60,7 +60,7 @@ def test_weights_and_chamfer_option() -> None:
     terms = model.loss_terms(points, generator=torch.Generator().manual_seed(0))
     assert "chamfer" in terms
     total = model.total_loss(terms)
-    expected = sum(model.weights[k] * v for k, v in terms.items())
+    expected = sum(model.loss_weights[k] * v for k, v in terms.items())
     torch.testing.assert_close(total, expected)
     total.backward()
     assert model.heads["curvature"].weight.grad is not None

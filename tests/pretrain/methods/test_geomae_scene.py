@@ -13,7 +13,7 @@ from datapipes.cli import main as data_main
 from finetune.cli import main as finetune_main
 from pretrain.cli import main as pretrain_main
 from pretrain.losses import masked_mse
-from pretrain.methods.geomae_scene import DEFAULT_WEIGHTS, GeoMAEScene
+from pretrain.methods.geomae_scene import GeoMAEScene
 from pretrain.ops.masking import random_segment_mask
 from pretrain.scene_encoder import SceneEncoderSpec, load_scene_encoder
 from tests.pretrain.methods.tiny_cli import config
@@ -67,7 +67,7 @@ def test_loss_scores_the_masked_pillars_of_scans_of_very_different_sizes() -> No
         features = model.decoders["normal"](full, pillars.coords)[masked]
         expected = masked_mse(model.heads["normal"](features), target.normal[masked])
     torch.testing.assert_close(terms["normal"], expected)
-    assert set(terms) == set(DEFAULT_WEIGHTS)
+    assert set(terms) == set(model.loss_weights)
     assert all(bool(torch.isfinite(v)) for v in terms.values())
 
 
@@ -75,7 +75,7 @@ def test_training_step_reaches_every_parameter_and_weights_sum() -> None:
     model = tiny_model(curvature_weight=0.0)
     terms = model.loss_terms(scene_batch([800, 2500], seed=1), torch.Generator().manual_seed(0), augment=True)
     total = model.total_loss(terms)
-    torch.testing.assert_close(total, sum(model.weights[k] * v for k, v in terms.items()))
+    torch.testing.assert_close(total, sum(model.loss_weights[k] * v for k, v in terms.items()))
     total.backward()
     missing = [
         n for n, p in model.named_parameters() if p.grad is None and not n.startswith("heads.curvature")
