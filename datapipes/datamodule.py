@@ -123,6 +123,8 @@ class PointCloudDataModule(pl.LightningDataModule):
         self.verify = verify
         self._verified = False
         self._val_set: InMemoryPointDataset | None = None
+        self._resume_position: dict[str, int] | None = None
+        self._train_loader: EpochLoader | None = None
         self.save_hyperparameters(ignore=["fields"])
         self.save_hyperparameters({"fields": self.fields.to_dict()})  # plain data: checkpoints load safely
 
@@ -248,6 +250,14 @@ class PointCloudDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> EpochLoader:
         """Training batches; exactly :meth:`default_batches_per_epoch` per rank and epoch when streaming."""
+        loader = self._build_train_loader()
+        if self._resume_position is not None:  # Lightning restores the datamodule before it builds the loader
+            loader.load_state_dict(self._resume_position)
+            self._resume_position = None
+        self._train_loader = loader
+        return loader
+
+    def _build_train_loader(self) -> EpochLoader:
         rank, world_size = self._rank()
         if self.streaming:
             return make_train_loader(
@@ -335,11 +345,25 @@ class PointCloudDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        """Saved in Lightning checkpoints: the data identity (the epoch itself comes from the trainer)."""
-        return {"seed": self.seed, "manifest_sha256": self.manifest_sha256, "data_root": self.data_root}
+        """Saved in Lightning checkpoints: the data identity and where training stands in the data.
+
+        ``train_position`` (epoch, batches of it trained) duplicates what the training loader's own state
+        holds: Lightning restores the datamodule's state on every resume, but the loader's only when it
+        recognises a mid-epoch restart, which it misses after an earlier resume at an epoch end.
+        """
+        state: dict[str, Any] = {
+            "seed": self.seed,
+            "manifest_sha256": self.manifest_sha256,
+            "data_root": self.data_root,
+        }
+        if self._train_loader is not None:
+            state["train_position"] = self._train_loader.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Warns when resuming on data or a seed that differ from the checkpoint's."""
+        """Keeps the training position for the next loader; warns on data or a seed that differ."""
+        position = state_dict.get("train_position")
+        self._resume_position = dict(position) if position is not None else None
         if state_dict.get("manifest_sha256") not in (None, self.manifest_sha256):
             rank_zero_warn(
                 f"resuming on different data: {self.data_root}/{MANIFEST_NAME} changed since the checkpoint"

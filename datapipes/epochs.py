@@ -22,7 +22,10 @@ class EpochLoader:
     Resuming inside an epoch: Lightning stores :meth:`state_dict` in its checkpoints (the epoch and how many
     of its batches were trained, from ``progress_source``) and hands it back through :meth:`load_state_dict`
     on resume; the first pass of the resumed run then skips the batches already trained, so it continues with
-    exactly the batches the interrupted run would have drawn next (the streams are seeded per epoch).
+    exactly the batches the interrupted run would have drawn next (the streams are seeded per epoch). The
+    position saved counts the skipped batches plus what ``progress_source`` advanced since the pass began, so
+    it stays right when the source restarts its count on resume (Lightning does after a resume at an epoch
+    end) and a run is resumed twice in one epoch.
 
     Args:
         loader: the underlying iterable (a WebLoader with ``with_epoch`` or a DataLoader).
@@ -46,6 +49,7 @@ class EpochLoader:
         self.epoch_source, self.progress_source = epoch_source, progress_source
         self._next_epoch = 0
         self._resume: tuple[int, int] | None = None
+        self._skipped = self._source_start = 0
         self.epoch = -1
 
     def set_epoch(self, epoch: int) -> None:
@@ -56,6 +60,8 @@ class EpochLoader:
         """``{"epoch", "batches_done"}``: where training stands in the data (saved in checkpoints)."""
         position = self.progress_source() if self.progress_source is not None else None
         epoch, done = position if position is not None else (self.epoch, 0)
+        if epoch == self.epoch:  # a resumed pass: the source may count from where it resumed
+            done = self._skipped + done - self._source_start
         return {"epoch": int(epoch), "batches_done": int(done)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -75,8 +81,15 @@ class EpochLoader:
         if self._resume is not None:
             epoch, done = self._resume
             self._resume = None
-            if epoch == self.epoch and 0 < done < self.length:
-                skip = done
+            if epoch == self.epoch and done > 0:
+                skip = min(done, self.length)
+        self._skipped = skip
+        position = self.progress_source() if self.progress_source is not None else None
+        self._source_start = int(position[1]) if position is not None and position[0] == self.epoch else 0
+        if skip == self.length:
+            # Every batch of this epoch was trained (a checkpoint of its last batch that the trainer did not
+            # recognise as the epoch's end): an empty pass, so the trainer moves on to the next epoch.
+            return
         self.on_epoch(self.epoch)
         batches = iter(self.loader)
         for _ in itertools.islice(batches, skip):  # drawn and dropped: the streams stay in step

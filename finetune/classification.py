@@ -27,7 +27,7 @@ from pretrain.encoders.spec import PointViTSpec
 from pretrain.ops.transforms import random_point_subset, scale_and_translate
 from pretrain.optim import AdamW, configure_optimization
 from pretrain.schedules import WarmupCosineLR
-from pretrain.training import seed_step_randomness, seeded_generator
+from pretrain.training import MicroBatchIndex, seed_step_randomness, seeded_generator
 
 __all__ = ["PointClassifier", "classification_head"]
 
@@ -111,6 +111,7 @@ class PointClassifier(pl.LightningModule):
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.num_points, self.pool_points, self.augment = num_points, pool_points, augment
         self.vote_views, self.seed, self.strict_contract = vote_views, seed, strict_contract
+        self._micro_batch = MicroBatchIndex()
         self.encoder, self.artifact_meta = self._build_encoder(pretrained, encoder, drop_path, freeze_encoder)
         feature_dim = 2 * self.encoder.embed_dim
         self.cls_head_finetune = classification_head(feature_dim, num_classes, head)
@@ -185,12 +186,14 @@ class PointClassifier(pl.LightningModule):
         logits: Tensor = self.cls_head_finetune(features)
         return logits
 
-    def _generator(self, batch_idx: int, stream: int) -> torch.Generator:
-        return seeded_generator(self.seed, self.global_rank, self.global_step, batch_idx, stream)
+    def _generator(self, stream: int) -> torch.Generator:
+        micro = self._micro_batch.index
+        return seeded_generator(self.seed, self.global_rank, self.global_step, micro, stream)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Seeds the default generators for this step (dropout in the head, drop-path in the encoder)."""
-        seed_step_randomness(self.seed, "layers", self.global_rank, self.global_step, batch_idx)
+        micro = self._micro_batch.advance(self.global_step)
+        seed_step_randomness(self.seed, "layers", self.global_rank, self.global_step, micro)
 
     def _train_view(self, points: Tensor, generator: torch.Generator) -> Tensor:
         pool = points[:, : self.pool_points]
@@ -199,7 +202,7 @@ class PointClassifier(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         points, labels = batch.points, batch.label
-        logits = self(self._train_view(points, self._generator(batch_idx, 0)))
+        logits = self(self._train_view(points, self._generator(0)))
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         acc = (logits.argmax(-1) == labels).float().mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=labels.shape[0])

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from datapipes.progress import Progress
+from datapipes.splits import stratified_split
 from pretrain.knn import KNNClassifier
 
 if TYPE_CHECKING:
@@ -79,38 +80,6 @@ def _check_xy(name: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.n
     if not np.isfinite(x).all():
         raise ValueError(f"{name}_x contains NaN or infinite values")
     return x, y.astype(np.int64)
-
-
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Splits sample indices into (fit, val) with ``round(fraction·n_c)`` (at least 1) val samples per class.
-
-    A class with a single sample stays entirely in the fit part; every class keeps at least one fit sample.
-
-    Args:
-        labels: (S,) integer labels.
-        fraction: validation fraction in (0, 1).
-        seed: seed of ``np.random.default_rng``.
-
-    Returns:
-        ``(fit_idx, val_idx)``, sorted int64 index arrays that partition ``range(S)``.
-
-    Raises:
-        ValueError: ``fraction`` outside (0, 1).
-    """
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    val_parts: list[np.ndarray] = []
-    for cls in np.unique(labels):
-        members = np.flatnonzero(labels == cls)
-        if members.size < 2:
-            continue
-        count = min(max(round(fraction * int(members.size)), 1), int(members.size) - 1)
-        val_parts.append(rng.permutation(members)[:count])
-    val_idx = np.sort(np.concatenate(val_parts)).astype(np.int64) if val_parts else np.zeros(0, np.int64)
-    fit_idx = np.setdiff1d(np.arange(labels.size, dtype=np.int64), val_idx)
-    return fit_idx, val_idx
 
 
 def _fit_linear_svm(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> Any:

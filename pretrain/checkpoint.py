@@ -165,7 +165,9 @@ def export_from_lightning_ckpt(ckpt_path: str | Path, out_dir: str | Path, **pro
     """Writes the exported module of a pcpt Lightning checkpoint (any registered kind) as an artifact.
 
     The module is rebuilt from ``checkpoint["pcpt"]`` alone (also the layout of older pcpt checkpoints:
-    ``encoder_spec`` / ``tokenizer_spec`` and ``encoder_prefix``) and loaded strictly. Provenance: the method
+    ``encoder_spec`` / ``tokenizer_spec`` and ``encoder_prefix``) and loaded strictly. Companion modules the
+    checkpoint names (``"companions"``: e.g. ViPFormer's image encoder) are written as artifacts in
+    subfolders ``out_dir/<name>``. Provenance: the method
     and checksums stored in the checkpoint, ``step`` (``global_step``), ``epoch`` (epochs fully trained),
     ``git_sha`` and ``source``; ``provenance`` overrides them.
 
@@ -187,20 +189,11 @@ def export_from_lightning_ckpt(ckpt_path: str | Path, out_dir: str | Path, **pro
         raise ArtifactError(f"{src}: not a pcpt Lightning checkpoint (no {CKPT_META_KEY!r} metadata)")
     if not isinstance(ckpt.get("state_dict"), dict):
         raise ArtifactError(f"{src}: checkpoint has no 'state_dict'")
-    kind = artifact_kind(str(info.get("kind", ENCODER_KIND)))
-    legacy = {"point_encoder": ("encoder_spec", "encoder."), "dvae_tokenizer": ("tokenizer_spec", "dvae.")}
-    spec_key, default_prefix = legacy.get(kind.name, ("spec", ""))
-    prefix = str(info.get("prefix", info.get("encoder_prefix", default_prefix)))
-    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    if not state:
-        raise ArtifactError(f"{src}: no weights under prefix {prefix!r} in the checkpoint's state_dict")
     try:
-        spec = kind.parse_spec(info["spec"] if "spec" in info else info[spec_key])
         data = DataContract.from_dict(info.get("data_contract") or {})
-        module = kind.build(spec)
-    except (KeyError, TypeError, ValueError) as err:
+    except (TypeError, ValueError) as err:
         raise ArtifactError(f"{src}: invalid pcpt metadata: {err}") from err
-    load_state_strict(module, state, source=src)
+    module = _module_from_ckpt(src, ckpt["state_dict"], info)
     collected = {
         "method": info.get("method"),
         "step": ckpt.get("global_step"),
@@ -209,4 +202,30 @@ def export_from_lightning_ckpt(ckpt_path: str | Path, out_dir: str | Path, **pro
         "data_manifest_sha256": info.get("data_manifest_sha256"),
         "source": str(src),
     }
-    return save_module_artifact(out_dir, module, data=data, provenance={**collected, **provenance})
+    out = save_module_artifact(out_dir, module, data=data, provenance={**collected, **provenance})
+    companions = info.get("companions") or {}
+    if not isinstance(companions, dict):
+        raise ArtifactError(f"{src}: invalid pcpt metadata: 'companions' is not a mapping")
+    for name, companion in companions.items():
+        if not isinstance(companion, dict):
+            raise ArtifactError(f"{src}: invalid pcpt metadata for companion {name!r}")
+        module = _module_from_ckpt(src, ckpt["state_dict"], companion)
+        save_module_artifact(out / str(name), module, data=data, provenance={**collected, **provenance})
+    return out
+
+
+def _module_from_ckpt(src: Path, state_dict: dict[str, Any], info: dict[str, Any]) -> nn.Module:
+    """The module ``info`` (kind, spec, prefix) describes, rebuilt and loaded strictly from ``state_dict``."""
+    kind = artifact_kind(str(info.get("kind", ENCODER_KIND)))
+    legacy = {"point_encoder": ("encoder_spec", "encoder."), "dvae_tokenizer": ("tokenizer_spec", "dvae.")}
+    spec_key, default_prefix = legacy.get(kind.name, ("spec", ""))
+    prefix = str(info.get("prefix", info.get("encoder_prefix", default_prefix)))
+    state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not state:
+        raise ArtifactError(f"{src}: no weights under prefix {prefix!r} in the checkpoint's state_dict")
+    try:
+        module = kind.build(kind.parse_spec(info["spec"] if "spec" in info else info[spec_key]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ArtifactError(f"{src}: invalid pcpt metadata: {err}") from err
+    load_state_strict(module, state, source=src)
+    return module

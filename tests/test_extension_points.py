@@ -86,7 +86,7 @@ class ToyCentreRegression(PretrainModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         points = self.batch_points(batch)
-        out = self.encoder.encode(points, generator=self.step_generator(batch_idx))
+        out = self.encoder.encode(points, generator=self.step_generator())
         loss = (self.head(out.tokens).squeeze(-1) - out.centers.norm(dim=-1)).square().mean()
         self.log("train/loss", loss, batch_size=points.shape[0])
         return loss

@@ -10,6 +10,7 @@ implements ``training_step``; the maths lives in ``pretrain.ops``, ``pretrain.nn
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -17,14 +18,16 @@ from typing import Any, ClassVar, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from pretrain.artifacts import save_module_artifact
+from pretrain.artifact_files import WEIGHTS_FILE
+from pretrain.artifacts import kind_of, load_encoder, module_spec, save_module_artifact
 from pretrain.checkpoint import CKPT_META_KEY, lightning_ckpt_meta
 from pretrain.encoders import DataContract, EncoderSpec, PointEncoder, build_encoder, spec_from_dict
 from pretrain.optim import AdamW, configure_optimization
 from pretrain.schedules import WarmupCosineLR
-from pretrain.training import epochs_trained, seed_step_randomness, seeded_generator
+from pretrain.training import MicroBatchIndex, epochs_trained, seed_step_randomness, seeded_generator
 
 __all__ = ["PretrainModule"]
 
@@ -42,11 +45,17 @@ class PretrainModule(pl.LightningModule):
         num_points: points per cloud; recorded in the artifact's data contract.
         normalization: cloud normalisation the data uses; recorded in the data contract.
         seed: base seed of the per-step random draws (masks, noise, dropout, drop-path).
+        init_from: a ``point_encoder`` artifact to start from (the output of an earlier stage, e.g. Point-MAE
+            before a contrastive stage): its spec replaces ``encoder`` and its weights are loaded strictly;
+            the artifact's path, method and weights checksum go into the provenance.
     """
 
     method_name: ClassVar[str] = "pretrain"
     #: attribute holding the module the method hands to the next stage (written as its artifact).
     exported_module: ClassVar[str] = "encoder"
+    #: attributes of further modules written with it, as artifacts in subfolders ``<artifact>/<name>``
+    #: (e.g. the image encoder of an image-point contrastive method).
+    companion_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -57,31 +66,45 @@ class PretrainModule(pl.LightningModule):
         num_points: int = 1024,
         normalization: Literal["unit_sphere", "none"] = "unit_sphere",
         seed: int = 0,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if encoder is not None and not isinstance(encoder, EncoderSpec):
             encoder = spec_from_dict(encoder)
+        self.provenance_extra: dict[str, Any] = {}
+        start: PointEncoder | None = None
+        if init_from is not None:
+            start, origin = _encoder_to_start_from(init_from)
+            if encoder is not None and encoder != start.spec:
+                rank_zero_info(f"init_from {init_from}: its encoder spec replaces the configured one")
+            encoder = start.spec
+            self.provenance_extra["init_from"] = origin
         self.encoder_spec: EncoderSpec | None = encoder
-        if encoder is not None:
-            self.encoder: PointEncoder = build_encoder(encoder)
+        if start is not None:
+            self.encoder: PointEncoder = start
+        elif encoder is not None:
+            self.encoder = build_encoder(encoder)
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.num_points, self.normalization, self.seed = num_points, normalization, seed
         self.fps_ordered_data = False
-        self.provenance_extra: dict[str, Any] = {}
         self.loss_weights: dict[str, float] = {}  # methods with several loss terms: set_loss_weights
+        self._micro_batch = MicroBatchIndex()
 
     # ----------------------------------------------------------------------------------------- randomness
-    def step_generator(self, batch_idx: int = 0, stream: int = 0) -> torch.Generator:
-        """A CPU generator seeded by (seed, rank, global step, batch index, stream).
+    def step_generator(self, stream: int = 0) -> torch.Generator:
+        """A CPU generator seeded by (seed, rank, global step, micro-batch index, stream).
 
         Masks and other per-step draws come from it, so a run is reproducible and a resumed run continues
-        with the same draws it would have made, and ranks draw different masks.
+        with the same draws it would have made, and ranks draw different masks. ``stream`` separates
+        independent draws of one step.
         """
-        return seeded_generator(self.seed, self.global_rank, self.global_step, batch_idx, stream)
+        micro = self._micro_batch.index
+        return seeded_generator(self.seed, self.global_rank, self.global_step, micro, stream)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Seeds the default generators for this step (drop-path, dropout): see ``seed_step_randomness``."""
-        seed_step_randomness(self.seed, "layers", self.global_rank, self.global_step, batch_idx)
+        micro = self._micro_batch.advance(self.global_step)
+        seed_step_randomness(self.seed, "layers", self.global_rank, self.global_step, micro)
 
     # --------------------------------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> Any:
@@ -113,9 +136,17 @@ class PretrainModule(pl.LightningModule):
             raise ValueError(f"{type(self).__name__} has no module {self.exported_module!r} to export")
         return module
 
+    def companions(self) -> dict[str, nn.Module]:
+        """The modules of :attr:`companion_modules` by name."""
+        found = {name: getattr(self, name, None) for name in self.companion_modules}
+        missing = [name for name, module in found.items() if not isinstance(module, nn.Module)]
+        if missing:
+            raise ValueError(f"{type(self).__name__} has no companion module(s) {missing} to export")
+        return {name: module for name, module in found.items() if isinstance(module, nn.Module)}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Stores what ``pcpt-pretrain export`` needs to rebuild the exported module from the checkpoint."""
-        checkpoint[CKPT_META_KEY] = lightning_ckpt_meta(
+        """Stores what ``pcpt-pretrain export`` needs to rebuild the exported modules from the checkpoint."""
+        meta = lightning_ckpt_meta(
             method=self.method_name,
             module=self.exported(),
             prefix=f"{self.exported_module}.",
@@ -123,9 +154,16 @@ class PretrainModule(pl.LightningModule):
             config_sha256=self.provenance_extra.get("config_sha256"),
             data_manifest_sha256=self.provenance_extra.get("data_manifest_sha256"),
         )
+        companions = self.companions()
+        if companions:
+            meta["companions"] = {
+                name: {"kind": kind_of(module).name, "spec": module_spec(module), "prefix": f"{name}."}
+                for name, module in companions.items()
+            }
+        checkpoint[CKPT_META_KEY] = meta
 
     def export_encoder(self, out_dir: str | Path, **provenance: Any) -> Path:
-        """Writes the exported module as an artifact with the provenance of this run.
+        """Writes the exported module as an artifact with the provenance of this run (companions inside it).
 
         Args:
             out_dir: artifact directory.
@@ -138,7 +176,10 @@ class PretrainModule(pl.LightningModule):
             **{k: v for k, v in self.provenance_extra.items() if v is not None},
             **provenance,
         }
-        return save_module_artifact(out_dir, self.exported(), data=self.data_contract, provenance=info)
+        out = save_module_artifact(out_dir, self.exported(), data=self.data_contract, provenance=info)
+        for name, module in self.companions().items():
+            save_module_artifact(out / name, module, data=self.data_contract, provenance=info)
+        return out
 
     # -------------------------------------------------------------------------------------- loss terms
     def set_loss_weights(self, weights: Mapping[str, float]) -> None:
@@ -169,3 +210,15 @@ class PretrainModule(pl.LightningModule):
         if not isinstance(points, Tensor) or points.ndim != 3 or points.shape[-1] != 3:
             raise ValueError(f"expected a batch with points (B, N, 3), got {type(batch).__name__}")
         return points
+
+
+def _encoder_to_start_from(path: str) -> tuple[PointEncoder, dict[str, Any]]:
+    """The encoder of a ``point_encoder`` artifact and where it came from (for the provenance)."""
+    encoder, meta = load_encoder(path)
+    weights = Path(path) / WEIGHTS_FILE
+    origin = {
+        "artifact": str(path),
+        "method": (meta.get("provenance") or {}).get("method"),
+        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+    }
+    return encoder, origin

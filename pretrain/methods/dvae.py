@@ -123,7 +123,7 @@ class PointDVAE(PretrainModule):
             groups.neighborhoods,
             groups.centers,
             temperature=temperature,
-            generator=self._noise(it, batch_idx),
+            generator=self._noise(it, self._micro_batch.index),
         )
         loss_coarse, loss_fine = reconstruction_losses(out, groups)
         kl = dvae_kl_uniform(out.logits)

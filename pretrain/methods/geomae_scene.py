@@ -263,7 +263,7 @@ class GeoMAEScene(PretrainModule):
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, self.step_generator(batch_idx), "train")
+        return self._step(batch, self.step_generator(), "train")
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         generator = torch.Generator().manual_seed(self.seed + batch_idx)  # same masks every validation

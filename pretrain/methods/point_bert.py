@@ -219,7 +219,7 @@ class PointBERT(PretrainModule):
     # ------------------------------------------------------------------------------------------ steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         points = self.batch_points(batch)
-        generator = self.step_generator(batch_idx)
+        generator = self.step_generator()
         groups = self.encoder.group(points, generator=generator)
         targets = self.token_targets(groups)
         mask = self.make_mask(groups.centers, generator)

@@ -113,7 +113,7 @@ class PointMAE(PretrainModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         points = self.batch_points(batch)
-        loss = self.loss_for(points, generator=self.step_generator(batch_idx))
+        loss = self.loss_for(points, generator=self.step_generator())
         self.log("train/loss", loss, prog_bar=True, batch_size=points.shape[0])
         return loss
 

@@ -137,3 +137,22 @@ def test_lightning_fit_uses_trainer_epochs_and_resumes_the_data_position(root, t
     assert sorted(resumed.seen) == [1, 2]
     assert resumed.seen[1] == full.seen[1]
     assert resumed.seen[2] == full.seen[2]
+
+
+def test_the_datamodule_state_carries_the_training_position_to_a_new_loader(root):
+    def make() -> PointCloudDataModule:
+        return PointCloudDataModule(
+            root, num_points=16, batch_size=8, num_workers=0, batches_per_epoch=3, seed=5
+        )
+
+    first = make()
+    first.setup("fit")
+    assert "train_position" not in first.state_dict()  # nothing trained yet
+    full = [batch.key for batch in first.train_dataloader()]
+    state = first.state_dict()
+    assert state["train_position"]["epoch"] == 0
+    state["train_position"] = {"epoch": 0, "batches_done": 2}  # as a checkpoint after two batches holds it
+    resumed = make()
+    resumed.load_state_dict(state)
+    resumed.setup("fit")
+    assert [batch.key for batch in resumed.train_dataloader()] == full[2:]
