@@ -45,7 +45,11 @@ class InspectReport:
 
 
 def summarize(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The user-facing summary of a manifest: splits, classes, counts, fields, point counts, FPS order."""
+    """The user-facing summary of a manifest: splits, classes, counts, fields, points, FPS order, images.
+
+    ``images`` is the manifest's ``images`` entry (how many views, their size and where they come from:
+    ``mesh_render``, ``point_splat`` or ``rendering``), ``None`` when the manifest has none.
+    """
     order = {"train": 0, "val": 1, "validation": 1, "test": 2}
     names = sorted(manifest["splits"], key=lambda n: (order.get(n, 3), n))
     splits = {
@@ -65,6 +69,7 @@ def summarize(manifest: dict[str, Any]) -> dict[str, Any]:
         "fps_ordered": bool(manifest.get("fps_ordered", False)),
         "rejected": int(manifest.get("rejected", 0)),
         "source": manifest.get("source", {}),
+        "images": manifest.get("images"),
         "created_by": manifest.get("created_by"),
     }
 
@@ -92,6 +97,30 @@ def _fmt_shape(spec: dict[str, Any]) -> str:
     )
 
 
+_IMAGE_SOURCES = {
+    "mesh_render": "rendered from the meshes",
+    "point_splat": "splatted from the points",
+    "rendering": "the source's own renderings",
+}
+
+
+def _fmt_images(images: dict[str, Any]) -> str:
+    """``"24 view(s) per sample, 137x137 px, the source's own renderings (rendering)"``."""
+    size = images.get("size")
+    if isinstance(size, int):
+        pixels = f"{size}x{size} px"
+    elif isinstance(size, list) and len(size) == 2:
+        pixels = f"{size[1]}x{size[0]} px"
+    else:
+        pixels = "size unknown"
+    source = str(images.get("source"))
+    text = f"{images.get('views')} view(s) per sample, {pixels}, {_IMAGE_SOURCES.get(source, source)}"
+    camera = images.get("camera") or {}
+    if camera:
+        text += f" (up {camera.get('up')}, elevation {camera.get('elevation_deg')} deg)"
+    return f"{text} [{source}]"
+
+
 def format_report(report: InspectReport) -> str:
     """Human-readable multi-line summary, ending with the verification verdict."""
     s = report.summary
@@ -104,6 +133,8 @@ def format_report(report: InspectReport) -> str:
         f"stored in FPS order: {'yes' if s['fps_ordered'] else 'no'}"
     )
     lines.append("  fields: " + ", ".join(f"{k} {_fmt_shape(v)}" for k, v in sorted(s["fields"].items())))
+    if s.get("images"):
+        lines.append(f"  images: {_fmt_images(s['images'])}")
     classes = s["classes"]
     if classes:
         lines.append(f"  classes ({len(classes)}):")

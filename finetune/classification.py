@@ -129,10 +129,12 @@ class PointClassifier(pl.LightningModule):
                 base = PointViTSpec.from_dict({**base.to_dict(), "cls_token": True})
             return build_encoder(base), {"provenance": {"method": "random-init"}}
         meta = read_artifact_meta(pretrained)
-        has_cls = bool(meta["spec"].get("cls_token", False))
-        overrides: dict[str, Any] = {"drop_path": 0.0 if frozen else drop_path}
+        fields = meta["spec"]  # families differ: only the fields this encoder's spec has are changed
+        overrides: dict[str, Any] = {}
+        if "drop_path" in fields:
+            overrides["drop_path"] = 0.0 if frozen else drop_path
         expected_missing: frozenset[str] = frozenset()
-        if not has_cls and not frozen:
+        if "cls_token" in fields and not fields["cls_token"] and not frozen:
             # Point-MAE encoders are pre-trained without CLS; finetuning adds a fresh CLS token + position.
             overrides["cls_token"] = True
             expected_missing = frozenset({"cls_token", "cls_pos"})

@@ -13,8 +13,9 @@ any registered module and :func:`load_artifact` rebuilds it from the spec alone 
 Provenance is completed in one place (``pretrain.provenance``); the files themselves are written and read by
 ``pretrain.artifact_files`` (atomic writes that never touch files pcpt did not write).
 
-Built-in kinds: ``point_encoder`` (every registered encoder family, ``pretrain.encoders``) and
-``dvae_tokenizer`` (Point-BERT's dVAE, registered by ``pretrain.dvae``).
+Built-in kinds: ``point_encoder`` (every registered encoder family, ``pretrain.encoders``),
+``image_encoder`` (ViPFormer's image encoder, ``pretrain.encoders.vipformer``), ``dvae_tokenizer``
+(Point-BERT's dVAE, registered by ``pretrain.dvae``) and ``scene_encoder`` (``pretrain.scene_encoder``).
 """
 
 from __future__ import annotations
@@ -40,13 +41,21 @@ from pretrain.artifact_files import (
     read_artifact_meta,
     save_artifact,
 )
-from pretrain.encoders import DataContract, PointEncoder, build_encoder, spec_from_dict
+from pretrain.encoders import (
+    DataContract,
+    PointEncoder,
+    ViPFormerImageEncoder,
+    ViPFormerImageSpec,
+    build_encoder,
+    spec_from_dict,
+)
 from pretrain.provenance import make_provenance
 
 __all__ = [
     "ARTIFACT_FORMAT",
     "ARTIFACT_KINDS",
     "ENCODER_KIND",
+    "IMAGE_ENCODER_KIND",
     "META_FILE",
     "WEIGHTS_FILE",
     "ArtifactError",
@@ -57,6 +66,7 @@ __all__ = [
     "load_artifact",
     "load_artifact_tensors",
     "load_encoder",
+    "load_image_encoder",
     "load_state_strict",
     "module_spec",
     "read_artifact_meta",
@@ -153,8 +163,17 @@ def _encoder_summary(meta: Mapping[str, Any]) -> str:
     parts = [str(spec.get("arch", "?"))]
     if {"embed_dim", "depth", "num_heads"} <= set(spec):
         parts[0] += f" {spec['embed_dim']}x{spec['depth']} ({spec['num_heads']} heads)"
+    if {"embed_dim", "num_cross_layers", "num_sa_layers", "num_heads"} <= set(spec):
+        parts[0] += (
+            f" {spec['embed_dim']} wide, {spec['num_cross_layers']} cross + {spec['num_sa_layers']} "
+            f"self-attention layers ({spec['num_heads']} heads)"
+        )
     if {"num_groups", "group_size"} <= set(spec):
         parts.append(f"{spec['num_groups']} groups of {spec['group_size']}")
+    if {"num_latents", "group_size"} <= set(spec):
+        parts.append(f"{spec['num_latents']} latents of {spec['group_size']} points")
+    if {"image_size", "patch_size"} <= set(spec):
+        parts.append(f"{spec['image_size']}-pixel images in {spec['patch_size']}-pixel patches")
     if "cls_token" in spec:
         parts.append(f"cls_token={spec['cls_token']}")
     return ", ".join([*parts, f"{meta.get('num_params', 0):,} parameters"])
@@ -166,6 +185,19 @@ register_artifact_kind(
         module_class=PointEncoder,
         parse_spec=spec_from_dict,
         build=build_encoder,
+        summary=_encoder_summary,
+    )
+)
+
+#: kind of ViPFormer image encoder artifacts.
+IMAGE_ENCODER_KIND = "image_encoder"
+
+register_artifact_kind(
+    ArtifactKind(
+        name=IMAGE_ENCODER_KIND,
+        module_class=ViPFormerImageEncoder,
+        parse_spec=ViPFormerImageSpec.from_dict,
+        build=ViPFormerImageEncoder,
         summary=_encoder_summary,
     )
 )
@@ -284,4 +316,27 @@ def load_encoder(
     )
     if not isinstance(module, PointEncoder):
         raise ArtifactError(f"{path}: the {meta.get('kind')!r} artifact does not hold a point encoder")
+    return module, meta
+
+
+def load_image_encoder(
+    path: str | Path,
+    *,
+    spec_overrides: Mapping[str, Any] | None = None,
+    map_location: str | torch.device = "cpu",
+) -> tuple[ViPFormerImageEncoder, dict[str, Any]]:
+    """:func:`load_artifact` of an ``image_encoder`` artifact (strict: every key must match).
+
+    Returns:
+        (image encoder in train mode, metadata).
+
+    Raises:
+        ArtifactError: unreadable artifact, another kind, or an invalid spec.
+        WeightsMismatchError: missing, unexpected or reshaped keys (named in the message).
+    """
+    module, meta = load_artifact(
+        path, kind=IMAGE_ENCODER_KIND, spec_overrides=spec_overrides, map_location=map_location
+    )
+    if not isinstance(module, ViPFormerImageEncoder):
+        raise ArtifactError(f"{path}: the {meta.get('kind')!r} artifact does not hold an image encoder")
     return module, meta

@@ -3,7 +3,7 @@
 Subcommands:
 
 - ``export CKPT OUT``: a pcpt Lightning checkpoint -> encoder artifact.
-- ``import FORMAT SRC OUT``: an official Point-MAE / Point-BERT checkpoint -> encoder artifact.
+- ``import FORMAT SRC OUT``: an official Point-MAE / Point-BERT / ViPFormer checkpoint -> artifact.
 - ``eval-tokenizer ART --data ROOT``: reconstruction Chamfer distances and codebook usage of a dVAE tokenizer
   artifact on one split of a shard folder.
 
@@ -65,6 +65,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
         group_size=args.group_size,
         num_points=args.num_points,
         drop_path=args.drop_path,
+        num_cross_layers=args.num_cross_layers,
     )
     _print_summary(summary, args.json)
     return 0
@@ -146,7 +147,8 @@ def build_parser() -> CliParser:
     parser = CliParser(
         prog=PROG,
         description="pcpt pre-training tools: pre-train, write encoder artifacts (encoder.safetensors + "
-        "encoder.json) from pcpt Lightning checkpoints or from official Point-MAE / Point-BERT weights, and "
+        "encoder.json) from pcpt Lightning checkpoints or from official Point-MAE / Point-BERT / ViPFormer "
+        "weights, and "
         "evaluate dVAE tokenizer artifacts.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CliParser, required=True)
@@ -179,10 +181,12 @@ def build_parser() -> CliParser:
         description="Convert an official checkpoint (a pickle, read with torch.load(weights_only=True) "
         "only) into an artifact. point-mae: pre-training (Point_MAE) or finetuned classifier; point-bert: "
         "masked point modelling (Point_BERT, transformer_q) or finetuned classifier; point-bert-dvae: the "
-        "dVAE (DiscreteVAE, or dvae.* of a Point_BERT checkpoint) -> dvae_tokenizer artifact. The encoder "
-        "width, "
-        "depth, tokenizer width and CLS/mask tokens are read from the weights; heads and grouping are not "
-        "stored there and come from the options (defaults = the official 1024-point setup).",
+        "dVAE (DiscreteVAE, or dvae.* of a Point_BERT checkpoint) -> dvae_tokenizer artifact; vipformer: a "
+        "bare ViPFormer state dict, the point model (pc_model_best.pth) -> vipformer_point encoder with the "
+        "official partial patch centring, or the image model (img_model_best.pth) -> image_encoder artifact. "
+        "Widths, depths, MLP ratios, tokenizer width and CLS/mask tokens are read from the weights; heads "
+        "and grouping are not stored there and come from the options (defaults = the official 1024-point "
+        "setup of each format).",
     )
     p.add_argument(
         "format", metavar="FORMAT", choices=sorted(REMAPS), help=f"one of {', '.join(sorted(REMAPS))}"
@@ -191,9 +195,17 @@ def build_parser() -> CliParser:
     p.add_argument(
         "out", metavar="OUT", type=Path, help="artifact directory to write (replaced if it exists)"
     )
-    p.add_argument("--num-heads", type=positive_int, default=6, help="attention heads (default: %(default)s)")
     p.add_argument(
-        "--num-groups", type=positive_int, default=64, help="patches per cloud (default: %(default)s)"
+        "--num-heads",
+        type=positive_int,
+        default=None,
+        help="attention heads (default: 6; vipformer: 4 at width 256, 6 at width 384)",
+    )
+    p.add_argument(
+        "--num-groups",
+        type=positive_int,
+        default=None,
+        help="patches per cloud, ViPFormer latents (default: 64; vipformer: 128)",
     )
     p.add_argument(
         "--group-size", type=positive_int, default=32, help="points per patch (default: %(default)s)"
@@ -209,6 +221,12 @@ def build_parser() -> CliParser:
         type=float,
         default=0.1,
         help="drop-path rate stored in the spec (default: %(default)s)",
+    )
+    p.add_argument(
+        "--num-cross-layers",
+        type=positive_int,
+        default=None,
+        help="vipformer: cross-attention layers, needed only for a checkpoint with more than one",
     )
     p.add_argument("--json", action="store_true", help="print the artifact summary as JSON")
     p.set_defaults(handler=COMMANDS["import"])

@@ -20,10 +20,18 @@ Layouts (key names dumped from the official code):
   (``DiscreteVAE``: ``codebook``, ``encoder.*``, ``dgcnn_1.*``, ``dgcnn_2.*``, ``decoder.*``, names kept), or
   the ``dvae.*`` part of a masked point modelling checkpoint (dropped ``transformer_q.*``,
   ``transformer_k.*``, ``queue``, ``queue_ptr``).
+- ``vipformer`` (bare state dicts ``pc_model_best.pth`` / ``img_model_best.pth``, METHODS.md §5.6): the point
+  model (``group2emb.*``, ``position_emb.*``, ``input_adapter.*``, ``encoder.*``) becomes a ``point_encoder``
+  artifact of family ``vipformer_point`` with ``official_centering=True``; the image model
+  (``patch2emb.1.*``, ``position_emb``, ``encoder.*``) an ``image_encoder`` artifact. Dropped:
+  ``latent_head.*`` (the projection head of the contrastive loss; ``finetune_head.*`` of a finetuned
+  model), and ``encoder.cross_attn_1.*``, which with one cross-attention layer is the same module as
+  ``encoder.cross_attn_n.*`` registered twice (checked tensor by tensor before it is dropped).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +43,7 @@ from torch import Tensor
 
 from datapipes.errors import UserError
 from datapipes.shards import sha256_file
+from pretrain.artifacts import IMAGE_ENCODER_KIND
 from pretrain.checkpoint import (
     load_state_strict,
     read_artifact_meta,
@@ -42,7 +51,14 @@ from pretrain.checkpoint import (
     save_module_artifact,
 )
 from pretrain.dvae import DVAE_KIND, DiscreteVAE, infer_dvae_spec
-from pretrain.encoders import DataContract, PointViTSpec, build_encoder
+from pretrain.encoders import (
+    DataContract,
+    PointViTSpec,
+    ViPFormerImageEncoder,
+    ViPFormerImageSpec,
+    ViPFormerPointSpec,
+    build_encoder,
+)
 
 __all__ = [
     "REMAPS",
@@ -50,9 +66,14 @@ __all__ = [
     "extract_state_dict",
     "import_official",
     "infer_spec",
+    "infer_vipformer_image_spec",
+    "infer_vipformer_point_spec",
     "remap_point_bert",
     "remap_point_bert_dvae",
     "remap_point_mae",
+    "remap_vipformer",
+    "remap_vipformer_image",
+    "remap_vipformer_point",
 ]
 
 StateDict = dict[str, Tensor]
@@ -68,7 +89,7 @@ class Remapped:
         layout: name of the detected official layout.
         expected_dropped: patterns the dropped keys must match (a trailing ``.`` is a prefix, else exact).
         spec_hints: spec fields the layout fixes (e.g. ``cls_token``).
-        kind: artifact kind the weights become (``point_encoder`` or ``dvae_tokenizer``).
+        kind: artifact kind the weights become (``point_encoder``, ``dvae_tokenizer`` or ``image_encoder``).
     """
 
     state: StateDict
@@ -213,11 +234,131 @@ def remap_point_bert_dvae(state: Mapping[str, Tensor]) -> Remapped:
     )
 
 
+# -------------------------------------------------------------------------------------------- ViPFormer
+
+_VIPFORMER_HEADS = ("latent_head.", "finetune_head.")
+_CROSS_FIRST, _CROSS_LATER = "encoder.cross_attn_1.", "encoder.cross_attn_n."
+
+
+def _vipformer_trunk_renames(
+    state: Mapping[str, Tensor],
+) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+    """The official ``encoder.*`` -> ``trunk.*`` renames, and the keys to drop (the shared duplicate).
+
+    With one cross-attention layer (or a first layer shared with the later ones) the official encoder
+    registers one module as both ``cross_attn_1`` and ``cross_attn_n``: every tensor is stored twice. The
+    duplicate is checked tensor by tensor and dropped. Otherwise the first layer maps to ``cross_attn`` and
+    the shared later one to ``cross_attn_n``.
+
+    Raises:
+        ValueError: ``cross_attn_1`` and ``cross_attn_n`` hold different key sets, or the same keys with some
+            but not all tensors equal.
+    """
+    first = {k[len(_CROSS_FIRST) :]: v for k, v in state.items() if k.startswith(_CROSS_FIRST)}
+    later = {k[len(_CROSS_LATER) :]: v for k, v in state.items() if k.startswith(_CROSS_LATER)}
+    sa = (("encoder.sa_layers.", "trunk.sa_layers."),)
+    if not first:
+        return ((_CROSS_LATER, "trunk.cross_attn."), *sa), ()
+    if set(first) != set(later):
+        raise ValueError(
+            f"{_CROSS_FIRST}* and {_CROSS_LATER}* hold different keys: {sorted(set(first) ^ set(later))[:6]}"
+        )
+    same = [first[k].shape == later[k].shape and torch.equal(first[k], later[k]) for k in sorted(first)]
+    if all(same):
+        return ((_CROSS_LATER, "trunk.cross_attn."), *sa), (_CROSS_FIRST,)
+    if any(same):
+        raise ValueError(
+            f"{_CROSS_FIRST}* and {_CROSS_LATER}* are neither one shared module (some tensors differ) nor "
+            "two separate layers (some are equal)"
+        )
+    return ((_CROSS_FIRST, "trunk.cross_attn."), (_CROSS_LATER, "trunk.cross_attn_n."), *sa), ()
+
+
+def remap_vipformer_point(state: Mapping[str, Tensor]) -> Remapped:
+    """Official ViPFormer point model weights (``CrossFormer_pc_mp``, bare state dict) -> pcpt names.
+
+    ``group2emb.`` -> ``tokenizer.``, ``position_emb.`` -> ``pos_embed.``, ``input_adapter.`` kept,
+    ``encoder.`` -> ``trunk.`` (see :func:`_vipformer_trunk_renames`); ``latent_head.*`` (and the duplicate
+    ``encoder.cross_attn_1.*``) are dropped. The spec hints set ``official_centering=True`` (the released
+    weights were trained with the partial centring) and ``num_cross_layers=1`` when the duplicate was found.
+
+    Args:
+        state: the official state dict with any ``module.`` prefix already removed.
+
+    Raises:
+        ValueError: not a ViPFormer point model, or inconsistent cross-attention layers.
+    """
+    needed = ("group2emb.", "input_adapter.point_mlp.", "encoder.sa_layers.")
+    if not all(any(k.startswith(p) for k in state) for p in needed) or "patch2emb.1.weight" in state:
+        raise ValueError(
+            "not a ViPFormer point checkpoint: expected 'group2emb.*', 'input_adapter.point_mlp.*' and "
+            f"'encoder.sa_layers.*' keys; first keys: {sorted(state)[:8]}"
+        )
+    trunk, duplicate = _vipformer_trunk_renames(state)
+    renames = (
+        ("group2emb.", "tokenizer."),
+        ("position_emb.", "pos_embed."),
+        ("input_adapter.", "input_adapter."),
+        *trunk,
+    )
+    out, dropped = _rename(state, renames, drop=(*duplicate, *_VIPFORMER_HEADS))
+    hints: dict[str, Any] = {"official_centering": True}
+    if duplicate or not any(k.startswith("trunk.cross_attn_n.") for k in out):
+        hints["num_cross_layers"] = 1
+    return Remapped(out, dropped, "vipformer point encoder", (*duplicate, *_VIPFORMER_HEADS), hints)
+
+
+def remap_vipformer_image(state: Mapping[str, Tensor]) -> Remapped:
+    """Official ViPFormer image model weights (``CrossFormer_img_mp``, bare state dict) -> pcpt names.
+
+    ``patch2emb.1.`` -> ``patch_embed.``, ``position_emb`` -> ``pos_embed``, ``encoder.`` -> ``trunk.``;
+    ``latent_head.*`` (and the duplicate ``encoder.cross_attn_1.*``) are dropped. The result is an
+    ``image_encoder`` artifact.
+
+    Args:
+        state: the official state dict with any ``module.`` prefix already removed.
+
+    Raises:
+        ValueError: not a ViPFormer image model, or inconsistent cross-attention layers.
+    """
+    if "patch2emb.1.weight" not in state or "position_emb" not in state:
+        raise ValueError(
+            "not a ViPFormer image checkpoint: expected 'patch2emb.1.weight' and 'position_emb' keys; "
+            f"first keys: {sorted(state)[:8]}"
+        )
+    trunk, duplicate = _vipformer_trunk_renames(state)
+    renames = (("patch2emb.1.", "patch_embed."), ("position_emb", "pos_embed"), *trunk)
+    out, dropped = _rename(state, renames, drop=(*duplicate, *_VIPFORMER_HEADS))
+    hints = (
+        {"num_cross_layers": 1} if duplicate or "trunk.cross_attn_n.0.module.q_norm.weight" not in out else {}
+    )
+    return Remapped(
+        out, dropped, "vipformer image encoder", (*duplicate, *_VIPFORMER_HEADS), hints, IMAGE_ENCODER_KIND
+    )
+
+
+def remap_vipformer(state: Mapping[str, Tensor]) -> Remapped:
+    """A ViPFormer point or image model (told apart by ``patch2emb.*``) -> pcpt names.
+
+    Raises:
+        ValueError: neither a ViPFormer point nor image model.
+    """
+    if "patch2emb.1.weight" in state:
+        return remap_vipformer_image(state)
+    if any(k.startswith("group2emb.") for k in state):
+        return remap_vipformer_point(state)
+    raise ValueError(
+        "not a ViPFormer checkpoint: expected 'group2emb.*' (point model, pc_model_best.pth) or "
+        f"'patch2emb.1.weight' (image model, img_model_best.pth) keys; first keys: {sorted(state)[:8]}"
+    )
+
+
 #: official format name (``pcpt-pretrain import FORMAT``) -> pure key remap.
 REMAPS: dict[str, Callable[[Mapping[str, Tensor]], Remapped]] = {
     "point-mae": remap_point_mae,
     "point-bert": remap_point_bert,
     "point-bert-dvae": remap_point_bert_dvae,
+    "vipformer": remap_vipformer,
 }
 
 
@@ -295,35 +436,216 @@ def infer_spec(
     return PointViTSpec.from_dict(values)
 
 
+def _layer_count(state: Mapping[str, Tensor], prefix: str) -> int:
+    """1 + the largest ``i`` of keys ``<prefix><i>.*`` (0 when there are none)."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    found = [int(m.group(1)) for k in state if (m := pattern.match(k))]
+    return 1 + max(found) if found else 0
+
+
+#: attention heads of the released ViPFormer models by width (E1CL8SL-H4D256-*, E1CL8SL-H6D384-*).
+VIPFORMER_HEADS_BY_WIDTH = {256: 4, 384: 6}
+
+
+def _vipformer_trunk_fields(
+    state: Mapping[str, Tensor], embed_dim: int, num_heads: int | None, num_cross_layers: int | None
+) -> dict[str, Any]:
+    """Trunk spec fields from weights in pcpt names (``trunk.*``) and the values weights do not store."""
+    required = ("trunk.cross_attn.1.module.1.weight", "trunk.sa_layers.0.1.module.1.weight")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"cannot infer the ViPFormer spec: missing tensors {missing}")
+    hidden = int(state["trunk.cross_attn.1.module.1.weight"].shape[0])
+    if hidden % embed_dim:
+        raise ValueError(f"MLP hidden width {hidden} is not a multiple of the width {embed_dim}")
+    if num_heads is None:
+        if embed_dim not in VIPFORMER_HEADS_BY_WIDTH:
+            raise ValueError(
+                f"the number of attention heads is not stored in the weights and width {embed_dim} is not a "
+                f"released configuration ({VIPFORMER_HEADS_BY_WIDTH}); pass num_heads (--num-heads)"
+            )
+        num_heads = VIPFORMER_HEADS_BY_WIDTH[embed_dim]
+    separate = any(k.startswith("trunk.cross_attn_n.") for k in state)
+    if separate and (num_cross_layers is None or num_cross_layers < 2):
+        raise ValueError(
+            "the checkpoint has separate first and later cross-attention layers, so more than one "
+            "cross-attention layer, and their number is not stored in the weights; pass "
+            "num_cross_layers >= 2 (--num-cross-layers)"
+        )
+    if not separate and num_cross_layers not in (None, 1):
+        raise ValueError(
+            f"num_cross_layers={num_cross_layers}, but the checkpoint holds one cross-attention layer (a "
+            "first layer shared with later ones is not supported)"
+        )
+    return {
+        "embed_dim": embed_dim,
+        "num_cross_layers": num_cross_layers or 1,
+        "num_sa_layers": _layer_count(state, "trunk.sa_layers."),
+        "num_heads": num_heads,
+        "mlp_ratio": hidden // embed_dim,
+    }
+
+
+def _cross_layers(given: int | None, hints: dict[str, Any]) -> int | None:
+    """The cross-attention layer count: the caller's, else the remap's hint (removed from ``hints``)."""
+    hinted = hints.pop("num_cross_layers", None)
+    return given if given is not None else hinted
+
+
+def infer_vipformer_point_spec(
+    state: Mapping[str, Tensor],
+    *,
+    num_heads: int | None = None,
+    num_latents: int = 128,
+    group_size: int = 32,
+    num_cross_layers: int | None = None,
+    **hints: Any,
+) -> ViPFormerPointSpec:
+    """Infers a ``vipformer_point`` spec from weights in pcpt names.
+
+    Width, self-attention depth and MLP ratio come from the tensors; heads (default: 4 at width 256, 6 at
+    384, as released), latents and patch size are not stored in the weights and come from the arguments, and
+    so does the number of cross-attention layers when there is more than one. FPS is pcpt's deterministic
+    start 0 (officially random per call); ``hints`` (e.g. ``official_centering``) override fields.
+
+    Raises:
+        ValueError: required tensors are missing, the shapes are inconsistent, or a needed value is missing.
+    """
+    if "pos_embed.2.weight" not in state:
+        raise ValueError("cannot infer the ViPFormer spec: missing tensor 'pos_embed.2.weight'")
+    embed_dim = int(state["pos_embed.2.weight"].shape[0])
+    values: dict[str, Any] = {
+        "arch": "vipformer_point",
+        **_vipformer_trunk_fields(state, embed_dim, num_heads, _cross_layers(num_cross_layers, hints)),
+        "num_latents": num_latents,
+        "group_size": group_size,
+        "fps_start": 0,
+        "fps_skip_near_origin": False,
+    }
+    values.update(hints)
+    return ViPFormerPointSpec.from_dict(values)
+
+
+def infer_vipformer_image_spec(
+    state: Mapping[str, Tensor],
+    *,
+    num_heads: int | None = None,
+    num_cross_layers: int | None = None,
+    **hints: Any,
+) -> ViPFormerImageSpec:
+    """Infers a ``vipformer_image`` spec from weights in pcpt names.
+
+    Patch size from the patch embedding (p²·3 inputs), image size from the positional parameter (square
+    grid of patches), the trunk as :func:`infer_vipformer_point_spec`.
+
+    Raises:
+        ValueError: required tensors are missing or the shapes are inconsistent.
+    """
+    missing = [k for k in ("patch_embed.weight", "pos_embed") if k not in state]
+    if missing:
+        raise ValueError(f"cannot infer the ViPFormer image spec: missing tensors {missing}")
+    embed_dim, patch_dim = (int(n) for n in state["patch_embed.weight"].shape)
+    patch = math.isqrt(patch_dim // 3)
+    pos = state["pos_embed"]
+    side = math.isqrt(int(pos.shape[1])) if pos.ndim == 3 else 0
+    if patch * patch * 3 != patch_dim or pos.ndim != 3 or side * side != pos.shape[1]:
+        raise ValueError(
+            f"patch embedding {tuple(state['patch_embed.weight'].shape)} and positional parameter "
+            f"{tuple(pos.shape)} are not square RGB patches on a square grid"
+        )
+    values: dict[str, Any] = {
+        "arch": "vipformer_image",
+        **_vipformer_trunk_fields(state, embed_dim, num_heads, _cross_layers(num_cross_layers, hints)),
+        "image_size": side * patch,
+        "patch_size": patch,
+    }
+    values.update(hints)
+    return ViPFormerImageSpec.from_dict(values)
+
+
+def _imported_module(
+    fmt: str,
+    remapped: Remapped,
+    *,
+    num_heads: int | None,
+    num_groups: int | None,
+    group_size: int,
+    num_points: int,
+    drop_path: float,
+    num_cross_layers: int | None,
+) -> tuple[torch.nn.Module, DataContract]:
+    """The module (freshly initialised) the remapped weights load into, and its data contract."""
+    points = DataContract(num_points=num_points, normalization="unit_sphere", fps_order=False)
+    hints = dict(remapped.spec_hints)
+    hinted_cross = hints.pop("num_cross_layers", None)  # the caller's value wins
+    cross_layers = num_cross_layers if num_cross_layers is not None else hinted_cross
+    if remapped.kind == DVAE_KIND:
+        dvae_spec = infer_dvae_spec(remapped.state, num_groups=num_groups or 64, group_size=group_size)
+        return DiscreteVAE(dvae_spec), points
+    if remapped.kind == IMAGE_ENCODER_KIND:
+        image_spec = infer_vipformer_image_spec(
+            remapped.state, num_heads=num_heads, num_cross_layers=cross_layers, **hints
+        )
+        # the contract of an image encoder: pixels of RGB images, ImageNet mean/std normalised by the caller
+        pixels = DataContract(
+            num_points=image_spec.image_size**2, normalization="none", channels=("r", "g", "b")
+        )
+        return ViPFormerImageEncoder(image_spec), pixels
+    if fmt == "vipformer":
+        point_spec = infer_vipformer_point_spec(
+            remapped.state,
+            num_heads=num_heads,
+            num_latents=num_groups or 128,
+            group_size=group_size,
+            num_cross_layers=cross_layers,
+            **hints,
+        )
+        return build_encoder(point_spec), points
+    encoder_spec = infer_spec(
+        remapped.state,
+        num_heads=num_heads or 6,
+        num_groups=num_groups or 64,
+        group_size=group_size,
+        drop_path=drop_path,
+        **remapped.spec_hints,
+    )
+    return build_encoder(encoder_spec), points
+
+
 def import_official(
     fmt: str,
     src: str | Path,
     out_dir: str | Path,
     *,
-    num_heads: int = 6,
-    num_groups: int = 64,
+    num_heads: int | None = None,
+    num_groups: int | None = None,
     group_size: int = 32,
     num_points: int = 1024,
     drop_path: float = 0.1,
+    num_cross_layers: int | None = None,
 ) -> dict[str, Any]:
-    """Converts an official checkpoint into an encoder artifact (a tokenizer for ``point-bert-dvae``).
+    """Converts an official checkpoint into an artifact (encoder, dVAE tokenizer or image encoder).
 
     Args:
-        fmt: a key of :data:`REMAPS` (``point-mae``, ``point-bert``, ``point-bert-dvae``).
+        fmt: a key of :data:`REMAPS` (``point-mae``, ``point-bert``, ``point-bert-dvae``, ``vipformer``).
         src: the official ``.pth`` file.
         out_dir: artifact directory to write.
-        num_heads: attention heads (not stored in the weights; 6 officially).
-        num_groups: patches per cloud (64 for 1024 points officially).
+        num_heads: attention heads (not stored in the weights). Default: 6 for Point-MAE / Point-BERT; for
+            ViPFormer the released value of the width (4 at 256, 6 at 384).
+        num_groups: patches per cloud (ViPFormer: latents). Default: 64 (Point-MAE / Point-BERT with 1024
+            points), 128 (ViPFormer).
         group_size: points per patch (32 officially).
         num_points: points per cloud recorded in the data contract.
-        drop_path: stochastic-depth rate recorded in the spec (used only when training further).
+        drop_path: stochastic-depth rate recorded in a ``point_vit`` spec (used only when training further).
+        num_cross_layers: ViPFormer cross-attention layers, needed only when the checkpoint has more than one.
 
     Returns:
         A summary: ``artifact``, ``format``, ``layout``, ``spec``, ``num_params``, ``num_tensors``,
         ``dropped`` (count), ``source``, ``source_sha256``.
 
     Raises:
-        UserError: unknown format, unreadable file, an unexpected key layout or leftover keys.
+        UserError: unknown format, unreadable file, an unexpected key layout or leftover keys, or values the
+            weights do not determine and the arguments do not give.
         RuntimeError: weights that do not fit the inferred spec (names the keys).
     """
     if fmt not in REMAPS:
@@ -340,28 +662,19 @@ def import_official(
             f"{path}: {len(unknown)} keys are neither encoder weights nor expected extras of a "
             f"{remapped.layout} checkpoint: {unknown}"
         )
-    module: torch.nn.Module
-    if remapped.kind == DVAE_KIND:
-        try:
-            dvae_spec = infer_dvae_spec(remapped.state, num_groups=num_groups, group_size=group_size)
-        except ValueError as err:
-            raise UserError(f"{path}: {err}") from err
-        module = DiscreteVAE(dvae_spec)
-        data = DataContract(num_points=num_points, normalization="unit_sphere", fps_order=False)
-    else:
-        try:
-            encoder_spec = infer_spec(
-                remapped.state,
-                num_heads=num_heads,
-                num_groups=num_groups,
-                group_size=group_size,
-                drop_path=drop_path,
-                **remapped.spec_hints,
-            )
-            data = DataContract(num_points=num_points, normalization="unit_sphere", fps_order=False)
-        except ValueError as err:
-            raise UserError(f"{path}: {err}") from err
-        module = build_encoder(encoder_spec)
+    try:
+        module, data = _imported_module(
+            fmt,
+            remapped,
+            num_heads=num_heads,
+            num_groups=num_groups,
+            group_size=group_size,
+            num_points=num_points,
+            drop_path=drop_path,
+            num_cross_layers=num_cross_layers,
+        )
+    except ValueError as err:
+        raise UserError(f"{path}: {err}") from err
     load_state_strict(module, remapped.state, source=path)
     sha = sha256_file(path)
     epoch = obj.get("epoch") if isinstance(obj, Mapping) else None

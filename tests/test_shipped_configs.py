@@ -27,9 +27,9 @@ TRAINER = sorted((REPO / "configs" / "trainer").glob("*.yaml"))
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Enough points for every shipped config (1024 points, an FPS pool of 1200)."""
+    """Enough points for every shipped config (up to 2048 points: ViPFormer's ShapeNetRender clouds)."""
     root = tmp_path_factory.mktemp("demo")
-    write_synthetic(root, classes=2, per_class=2, test_per_class=1, points=1280, shard_size=4)
+    write_synthetic(root, classes=2, per_class=2, test_per_class=1, points=2048, shard_size=4)
     return root
 
 

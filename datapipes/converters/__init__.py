@@ -8,7 +8,7 @@ resume, report) do the rest. :data:`CONVERTERS` maps each format name to its con
 
 from __future__ import annotations
 
-from datapipes.converters import h5, hf, las, lidar, meshes, npy, text
+from datapipes.converters import h5, hf, las, lidar, meshes, npy, shapenet_render, text
 from datapipes.converters.base import Converter, ConvertOptions, Plan, RawCloud, Reject, WorkItem
 from datapipes.converters.driver import ConvertReport, convert, resolve_options
 from datapipes.converters.process import is_rejection, process_item, process_items
@@ -26,6 +26,7 @@ CONVERTERS: dict[str, type[Converter]] = {
         meshes.MeshFolder,
         lidar.Kitti,
         las.Las,
+        shapenet_render.ShapeNetRender,
         hf.HuggingFace,
     )
 }

@@ -77,7 +77,8 @@ class ConvertOptions:
         normal_k: neighbourhood size for normal and curvature estimation.
         variant: format variant (``modelnet-resampled``: modelnet40/modelnet10; ``scanobjectnn``:
             obj_bg/obj_only/pb_t50_rs).
-        test_fraction: ``mesh-folder`` without split folders: seeded fraction of each class sent to test.
+        test_fraction: ``mesh-folder`` without split folders: seeded fraction of each class sent to test;
+            ``shapenet-render`` without split lists: fraction of models sent to test by a model-id hash.
         shuffle: store each split's items in a seeded shuffled order (classes mixed within shards, which
             streaming readers need); ``False`` keeps the sorted source order.
         points_column: ``hf``: column holding the points.
@@ -85,6 +86,13 @@ class ConvertOptions:
         split_map: ``hf``: ``(source_split, output_split)`` pairs.
         source_normals: the source provides normals (set by the driver from :attr:`Plan.source_normals`);
             they are stored, and estimated for the items that lack them, so every sample has the same fields.
+        render_views: image views rendered per sample at conversion (``--render-views``; 0: none): from the
+            mesh for mesh formats, splatted from the points otherwise (:mod:`datapipes.converters.images`).
+        render_size: side of the rendered views in pixels.
+        render_up: the world axis that points up in the rendered views (the format's
+            :attr:`Converter.render_up` unless ``--render-up``); ``None`` when nothing is rendered.
+        max_views: ``shapenet-render``: views stored per model (the first renderings in sorted order);
+            ``--max-views``, else set by the driver to the count the plan decided (:attr:`Plan.images`).
     """
 
     format: str
@@ -104,11 +112,24 @@ class ConvertOptions:
     label_column: str | None = None
     split_map: tuple[tuple[str, str], ...] = ()
     source_normals: bool = False
+    render_views: int = 0
+    render_size: int = 144
+    render_up: str | None = None
+    max_views: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form (written to the manifest and compared on resume)."""
+        """JSON-serialisable form (written to the manifest and compared on resume).
+
+        The image options appear only when used, so conversions without images keep the form they had
+        before image views existed (and earlier runs of them still resume).
+        """
         out = asdict(self)
         out["split_map"] = [list(pair) for pair in self.split_map]
+        if not self.render_views:
+            for name in ("render_views", "render_size", "render_up"):
+                del out[name]
+        if self.max_views is None:
+            del out["max_views"]
         return out
 
 
@@ -124,6 +145,7 @@ class RawCloud:
         feat: ``(N, C)`` per-point features from the source (e.g. LiDAR intensity), if any.
         mesh: ``(vertices (V, 3), faces (F, 3))`` to sample the surface of.
         meta: extra JSON-serialisable metadata.
+        images: PNG/JPEG bytes of the source's own image views, in view order (stored as they are).
     """
 
     xyz: np.ndarray | None = None
@@ -131,6 +153,7 @@ class RawCloud:
     feat: np.ndarray | None = None
     mesh: tuple[np.ndarray, np.ndarray] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    images: list[bytes] | None = None
 
 
 @dataclass
@@ -145,6 +168,9 @@ class Plan:
         info: extra JSON-serialisable source information for the manifest.
         channels: names of the channels of multi-channel per-point fields the format stores, e.g.
             ``{"feat": ("intensity",)}`` (written to the manifest, where batches select channels by name).
+        images: the source's own image views, for the manifest's ``images`` entry, e.g. ``{"views": 24,
+            "size": 137, "source": "rendering"}``; ``None`` when the source has none (``--render-views``
+            images are described by the driver).
     """
 
     splits: dict[str, list[WorkItem]]
@@ -152,13 +178,19 @@ class Plan:
     source_normals: bool = False
     info: dict[str, Any] = field(default_factory=dict)
     channels: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    images: dict[str, Any] | None = None
 
 
 class Converter(ABC):
     """One source format. Subclasses are stateless and registered by name in :mod:`datapipes.converters`.
 
     Class attributes give the format's defaults (used when the command line leaves an option unset) and the
-    format-specific options it accepts.
+    format-specific options it accepts. ``render_source`` says how ``--render-views`` makes image views for
+    the format: ``"point_splat"`` (from the points, the default), ``"mesh_render"`` (from the mesh; point-set
+    items of the format are splatted) or ``None`` (the option does not apply: scenes, formats with their
+    own images). ``render_up`` is the world up axis of the format's objects for those views.
+    ``default_test_fraction`` is the ``--test-fraction`` used when the option is not given (formats that
+    accept it).
     """
 
     name: ClassVar[str]
@@ -169,6 +201,9 @@ class Converter(ABC):
     orientation: ClassVar[Orientation] = "consistent"
     variants: ClassVar[tuple[str, ...]] = ()
     accepts: ClassVar[frozenset[str]] = frozenset()
+    render_source: ClassVar[str | None] = "point_splat"
+    render_up: ClassVar[str] = "y"
+    default_test_fraction: ClassVar[float] = 0.0
 
     @abstractmethod
     def plan(self, src: Path, options: ConvertOptions) -> Plan:

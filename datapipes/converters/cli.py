@@ -24,6 +24,13 @@ farthest-point order (not kitti or las, unless --fps). Running the same command 
 are verified and kept, the rest is recomputed. Local processes (--workers N) and Ray (--engine ray) give
 byte-identical shards.
 
+Image views (image-point pre-training, e.g. ViPFormer): --render-views K renders K PNG views per sample
+(meshes ray-cast, point sets splatted; --render-size, --render-up). shapenet-render stores each model's own
+renderings (SRC/ShapeNetRendering/<synset>/<model>/rendering/*.png, sorted, the first --max-views) with its
+cloud (SRC/ShapeNet/<synset>/<model>.ply|npy|pts), the synset as class; split by SRC/train.txt and
+test.txt when present, else by a hash of the model id (--test-fraction, default 0.1); a model without
+(enough) renderings is rejected. The manifest's "images" entry says how many views, their size and source.
+
 Bad input: a file that cannot be used (unreadable, malformed or truncated, NaN/inf values or coordinates
 beyond 1e18, a degenerate cloud) is skipped and listed with the reason in OUT/rejected.jsonl, and the run
 goes on (--strict: fail on the first one). If every input is rejected the command fails (exit 2) and writes
@@ -48,6 +55,8 @@ def _formats_epilog() -> str:
         "  pcpt-data convert npy-tree data/ModelNet40 out/mn40 --workers 2",
         "  pcpt-data convert modelnet-off ModelNet40 out/mn40-8k --points 8192 --normals",
         "  pcpt-data convert scanobjectnn h5_files out/sonn --variant pb_t50_rs",
+        "  pcpt-data convert modelnet-off ModelNet10 out/mn10-img --points 2048 --render-views 4",
+        "  pcpt-data convert shapenet-render ShapeNetRender out/snr --max-views 24 --test-fraction 0",
         "  pcpt-data convert hf my_hf_dir out/hf --points-column xyz --split-map train=train,validation=test",
     ]
     return "\n".join(lines)
@@ -117,7 +126,9 @@ def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--test-fraction",
         type=float,
         metavar="F",
-        help="mesh-folder without train/test folders: seeded fraction of each class sent to test",
+        help="mesh-folder without train/test folders: seeded fraction of each class sent to test; "
+        "shapenet-render without train.txt/test.txt: fraction of models sent to test by a hash of the model "
+        "id (default 0.1)",
     )
     f.add_argument("--points-column", metavar="COL", help="hf: column with (N,3) or (N,6) points")
     f.add_argument("--label-column", metavar="COL", help="hf: column with the label (default: 'label')")
@@ -125,6 +136,36 @@ def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--split-map",
         metavar="MAP",
         help="hf: source=output split pairs, e.g. train=train,validation=test (unlisted splits are skipped)",
+    )
+    f.add_argument(
+        "--max-views",
+        type=int,
+        metavar="M",
+        help="shapenet-render: store the first M renderings of each model (default: the count most models "
+        "have, 24 for the release); models with fewer are rejected",
+    )
+    i = p.add_argument_group("image views")
+    i.add_argument(
+        "--render-views",
+        type=int,
+        metavar="K",
+        help="render K views per sample (img.0.png ... img.K-1.png), headless on the CPU: meshes are "
+        "ray-cast (modelnet-off, mesh-folder), point sets splatted (shaded by normals when stored, else by "
+        "depth); cameras evenly spaced on a ring around the up axis, 20 degrees above the horizon, looking "
+        "at the unit-sphere object; the manifest's 'images' entry records views, size, source and cameras "
+        "(default 0: no images; not for kitti, las or shapenet-render, which has its own)",
+    )
+    i.add_argument(
+        "--render-size",
+        type=int,
+        metavar="S",
+        help="side of the rendered views in pixels (default 144, ViPFormer's image size)",
+    )
+    i.add_argument(
+        "--render-up",
+        choices=("x", "y", "z"),
+        help="world axis pointing up in the rendered views (default: z for modelnet-off and npy-tree, "
+        "y otherwise)",
     )
     e = p.add_argument_group("execution")
     e.add_argument(
@@ -207,6 +248,10 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         "points_column": args.points_column,
         "label_column": args.label_column,
         "split_map": args.split_map,
+        "max_views": args.max_views,
+        "render_views": args.render_views,
+        "render_size": args.render_size,
+        "render_up": args.render_up,
     }
     return resolve_options(converter, base, given)
 

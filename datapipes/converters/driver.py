@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from datapipes.converters.base import Converter, ConvertOptions, Plan, WorkItem, item_rng
+from datapipes.converters.images import images_entry, resolve_render_options
 from datapipes.converters.process import is_rejection, process_items
 from datapipes.engines import Engine, ShardJob
 from datapipes.errors import UserError
@@ -37,15 +38,19 @@ def resolve_options(converter: Converter, base: ConvertOptions, given: Mapping[s
         converter: the format.
         base: options with everything but ``points``, ``normalize``, ``fps`` and ``variant`` set.
         given: the command-line values (``None`` = not given) of ``points``, ``normalize``, ``fps``,
-            ``variant``, ``test_fraction``, ``points_column``, ``label_column`` and ``split_map``.
+            ``variant``, ``test_fraction``, ``points_column``, ``label_column``, ``split_map``,
+            ``max_views`` and the image options ``render_views``, ``render_size`` and ``render_up`` (those
+            not in ``given`` are taken from ``base``). ``test_fraction`` not given (and 0 in ``base``) is the
+            format's :attr:`~Converter.default_test_fraction`.
 
     Returns:
         The completed options.
 
     Raises:
-        UserError: an option this format does not accept, or an unknown variant.
+        UserError: an option this format does not accept, an unknown variant, or a bad image option (see
+            :func:`~datapipes.converters.images.resolve_render_options`).
     """
-    for name in ("variant", "test_fraction", "points_column", "label_column", "split_map"):
+    for name in ("variant", "test_fraction", "points_column", "label_column", "split_map", "max_views"):
         if given.get(name) not in (None, (), "") and name not in converter.accepts:
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} does not apply to format {converter.name!r}")
@@ -54,13 +59,27 @@ def resolve_options(converter: Converter, base: ConvertOptions, given: Mapping[s
         variant = variant or converter.variants[0]
         if variant not in converter.variants:
             raise UserError(f"--variant {variant!r} is not one of {', '.join(converter.variants)}")
+    test_fraction = base.test_fraction
+    if given.get("test_fraction") is None and not test_fraction and "test_fraction" in converter.accepts:
+        test_fraction = converter.default_test_fraction
+    max_views = given.get("max_views", base.max_views)
+    if max_views is not None and int(max_views) < 1:
+        raise UserError(f"--max-views must be >= 1, got {max_views}")
     points, normalize, fps = given.get("points"), given.get("normalize"), given.get("fps")
-    return replace(
+    views, size = given.get("render_views"), given.get("render_size")
+    options = replace(
         base,
         points=converter.default_points if points is None else int(points),
         normalize=converter.default_normalize if normalize is None else bool(normalize),
         fps=converter.default_fps if fps is None else bool(fps),
         variant=variant,
+        test_fraction=float(test_fraction),
+        max_views=None if max_views is None else int(max_views),
+        render_views=base.render_views if views is None else int(views),
+        render_size=base.render_size if size is None else int(size),
+    )
+    return resolve_render_options(
+        converter, options, size_given=size is not None, up_given=given.get("render_up") or base.render_up
     )
 
 
@@ -185,6 +204,8 @@ def convert(
     _printable_plan(plan)
     _check_plan(plan)
     options = replace(options, source_normals=plan.source_normals)
+    if plan.images is not None:  # the source's own views: every sample stores the count the plan decided
+        options = replace(options, max_views=int(plan.images["views"]))
     if options.shuffle:
         plan.splits = {split: shuffled(items, options.seed, split) for split, items in plan.splits.items()}
     if not any(plan.splits.values()):
@@ -245,7 +266,10 @@ def _run(
         written += 1
         if on_shard is not None:
             on_shard(job.split, job.index)
-    extra = {"converter": {"format": converter.name, **plan.info}}
+    extra: dict[str, Any] = {"converter": {"format": converter.name, **plan.info}}
+    images = images_entry(converter, options, plan)
+    if images is not None:
+        extra["images"] = images
     manifest = writer.finalize(
         num_shards=num_shards,
         classes=plan.classes,

@@ -201,6 +201,7 @@ class Las(Converter):
     default_normalize = False
     default_fps = False
     orientation = "viewpoint"
+    render_source = None  # scenes: no object views
 
     def plan(self, src: Path, options: ConvertOptions) -> Plan:
         """Lists every ``.las`` / ``.laz`` file under SRC and decides the channels from the first header.

@@ -31,6 +31,7 @@ class Kitti(Converter):
     default_normalize = False
     default_fps = False
     orientation = "viewpoint"
+    render_source = None  # scenes: no object views
 
     def plan(self, src: Path, options: ConvertOptions) -> Plan:
         """Lists every ``.bin`` frame under SRC."""

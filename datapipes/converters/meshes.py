@@ -1,7 +1,9 @@
 """Mesh sources: ``modelnet-off`` (ModelNet10/40 ``.off`` meshes) and ``mesh-folder`` (any open3d mesh).
 
 Meshes are sampled uniformly on the surface (``--points``, default 8192) with a generator seeded from
-``(seed, key)``; normals are the normals of the faces the points lie on.
+``(seed, key)``; normals are the normals of the faces the points lie on. With ``--render-views K``
+each sample gets K views ray-cast from its mesh (``mesh_render``, see :mod:`datapipes.converters.images`);
+ModelNet meshes stand on the z axis (``--render-up z`` by default), other meshes on y.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ class ModelNetOff(Converter):
     name = "modelnet-off"
     summary = "ModelNet10/40 meshes <class>/{train,test}/*.off (handles the 'OFF1234 5678 0' header)"
     default_points = 8192
+    render_source = "mesh_render"
+    render_up = "z"
 
     def plan(self, src: Path, options: ConvertOptions) -> Plan:
         """Lists the ``.off`` files per split and class."""
@@ -37,13 +41,15 @@ class MeshFolder(Converter):
     """Any ``.ply/.obj/.off/.stl`` under class folders, optionally split into ``<class>/{train,test}/``.
 
     Without split folders everything goes to ``train`` unless ``--test-fraction f`` sends a seeded
-    fraction of each class to ``test``. A ``.ply`` with vertices but no faces is used as a point set.
+    fraction of each class to ``test``. A ``.ply`` with vertices but no faces is used as a point set (its
+    ``--render-views`` views are splatted from the points).
     """
 
     name = "mesh-folder"
     summary = "any .ply/.obj/.off/.stl under <class>/ folders (optionally <class>/{train,test}/)"
     default_points = 8192
     accepts = frozenset({"test_fraction"})
+    render_source = "mesh_render"
 
     def plan(self, src: Path, options: ConvertOptions) -> Plan:
         """Lists the mesh files per split and class."""

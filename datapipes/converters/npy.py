@@ -21,10 +21,13 @@ class NpyTree(Converter):
     """``<class>/{train,test}/*.npy`` float arrays ``(N, 3)`` or ``(N, 6)`` (xyz + normals).
 
     Labels are class indices in sorted class-folder order. All points are kept unless ``--points`` is given.
+    ``--render-views`` splats the points with z up (the ModelNet40 clouds this layout usually holds stand
+    on z; ``--render-up`` for others).
     """
 
     name = "npy-tree"
     summary = "<class>/{train,test}/*.npy point arrays (N,3) or (N,6) xyz+normals"
+    render_up = "z"
 
     def plan(self, src: Path, options: ConvertOptions) -> Plan:
         """Lists the ``.npy`` files per split and class."""

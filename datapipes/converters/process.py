@@ -20,7 +20,9 @@ end it. Every stored array is checked to be finite.
 
 Fields: every sample of a dataset has the same fields. Normals are stored when the source has them (meshes,
 xyz+normal arrays; decided once per dataset, see :attr:`~datapipes.converters.base.Plan.source_normals`;
-items lacking them get estimated ones) or with ``--normals``, which also adds curvature.
+items lacking them get estimated ones) or with ``--normals``, which also adds curvature. Image views: a
+source's own (``shapenet-render``) are stored as they are; ``--render-views K`` renders ``K`` views last,
+from the item's mesh or its stored points (:mod:`datapipes.converters.images`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from datapipes.converters.base import Converter, ConvertOptions, RawCloud, Reject, WorkItem, item_rng
+from datapipes.converters.images import render_item
 from datapipes.files import printable
 from datapipes.geometry import fps_orders, normalize_unit_sphere
 from datapipes.mesh import MeshError, estimate_normals_curvature, sample_surface
@@ -78,6 +81,9 @@ class _Work:
     rng: np.random.Generator
     fps_ordered: bool = False
     curv: np.ndarray | None = None
+    mesh: tuple[np.ndarray, np.ndarray] | None = None  # kept only to render image views
+    images: list[bytes] | None = None
+    frame: tuple[np.ndarray, float] | None = None  # (centre, scale) of the unit-sphere normalisation
 
     def take(self, order: np.ndarray) -> None:
         self.xyz = self.xyz[order]
@@ -118,7 +124,14 @@ def _load(raw: RawCloud, item: WorkItem, options: ConvertOptions) -> _Work:
     if item.class_name:
         meta["class"] = item.class_name
     meta.update(raw.meta)
-    return _Work(item, np.asarray(xyz, dtype=np.float32), normal, feat, meta, rng)
+    work = _Work(item, np.asarray(xyz, dtype=np.float32), normal, feat, meta, rng)
+    if raw.images is not None:
+        if not raw.images or not all(isinstance(im, bytes) for im in raw.images):
+            raise Reject("the source's images are not a non-empty list of PNG/JPEG bytes")
+        work.images = list(raw.images)
+    if raw.mesh is not None and options.render_views:
+        work.mesh = (np.asarray(raw.mesh[0]), np.asarray(raw.mesh[1]))
+    return work
 
 
 def _shape(work: _Work, options: ConvertOptions, converter: Converter) -> None:
@@ -133,6 +146,7 @@ def _shape(work: _Work, options: ConvertOptions, converter: Converter) -> None:
         xyz, center, scale = normalize_unit_sphere(work.xyz)
         work.xyz = np.asarray(xyz, dtype=np.float32)
         work.meta["center"], work.meta["scale"] = [float(c) for c in np.ravel(center)], float(scale)
+        work.frame = (np.asarray(center, dtype=np.float64).reshape(3), float(scale))
     if not (options.normals or options.source_normals):
         work.normal = None
     if options.normals or (options.source_normals and work.normal is None):
@@ -144,6 +158,13 @@ def _shape(work: _Work, options: ConvertOptions, converter: Converter) -> None:
             raise Reject(f"cannot estimate normals: {err}") from None
         work.normal = normal if work.normal is None else work.normal
         work.curv = curv if options.normals else None
+
+
+def _render(work: _Work, options: ConvertOptions) -> None:
+    """Stage 5 (``--render-views``): image views from the mesh or the stored points."""
+    images, source = render_item(work.xyz, work.normal, work.mesh, work.frame, options)
+    work.images, work.mesh = images, None
+    work.meta["image_source"] = source
 
 
 def _validate(work: _Work) -> None:
@@ -168,6 +189,8 @@ def _to_sample(work: _Work) -> Sample:
         sample["feat"] = np.ascontiguousarray(np.asarray(work.feat, dtype=np.float32).reshape(n, -1))
     if work.item.label >= 0:
         sample["label"] = int(work.item.label)
+    if work.images:
+        sample["images"] = list(work.images)
     sample["meta"] = printable(work.meta)
     return sample
 
@@ -277,6 +300,8 @@ def process_items(items: Sequence[WorkItem], options: ConvertOptions) -> list[di
     # stage 4: store in farthest-point order
     if options.fps:
         fps_stage([i for i, w in works.items() if not w.fps_ordered], None)
+    if options.render_views:
+        each("rendering failed", lambda i: _render(works[i], options))
     each("processing failed", lambda i: _validate(works[i]))
 
     def finish(i: int) -> None:

@@ -18,6 +18,12 @@ from pretrain.encoders.registry import (
 )
 from pretrain.encoders.spec import NAMED_SIZES, DataContract, EncoderSpec, PointViTSpec
 from pretrain.encoders.tokenizer import PatchTokenizer, PointTokens
+from pretrain.encoders.vipformer import (
+    ViPFormerImageEncoder,
+    ViPFormerImageSpec,
+    ViPFormerPointEncoder,
+    ViPFormerPointSpec,
+)
 
 __all__ = [
     "ENCODER_FAMILIES",
@@ -31,9 +37,14 @@ __all__ = [
     "PointTokens",
     "PointViT",
     "PointViTSpec",
+    "ViPFormerImageEncoder",
+    "ViPFormerImageSpec",
+    "ViPFormerPointEncoder",
+    "ViPFormerPointSpec",
     "build_encoder",
     "register_encoder_family",
     "spec_from_dict",
 ]
 
 register_encoder_family("point_vit", PointViTSpec, PointViT)
+register_encoder_family("vipformer_point", ViPFormerPointSpec, ViPFormerPointEncoder)

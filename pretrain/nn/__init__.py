@@ -1,6 +1,7 @@
-"""Layers shared by pcpt encoders and methods: transformer blocks, mini-PointNet, positional embeddings."""
+"""Shared layers: transformer blocks, mini-PointNet, positional embeddings, the ViPFormer Perceiver trunk."""
 
 from pretrain.nn.mae_decoder import MAEDecoder
+from pretrain.nn.perceiver import PerceiverTrunk, PointInputAdapter, ProjectionHead
 from pretrain.nn.pointnet import MiniPointNet
 from pretrain.nn.pos_embed import CenterPosEmbed
 from pretrain.nn.transformer import (
@@ -26,6 +27,9 @@ __all__ = [
     "MAEDecoder",
     "MiniPointNet",
     "Mlp",
+    "PerceiverTrunk",
+    "PointInputAdapter",
+    "ProjectionHead",
     "drop_path_rates",
     "run_blocks",
 ]

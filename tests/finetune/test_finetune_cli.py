@@ -59,6 +59,19 @@ def test_finetune_fit_reports_honest_results(
     assert result["model_selection"]["num_val"] == 6  # 20 % of 10 per class, 3 classes
 
 
+def test_finetune_and_probe_a_vipformer_point_encoder(demo: Path, tmp_path: Path) -> None:
+    """Another encoder family (no CLS token, no drop-path): finetuned and probed through the same commands."""
+    from pretrain.encoders import ViPFormerPointSpec
+
+    torch.manual_seed(0)
+    spec = ViPFormerPointSpec(embed_dim=32, num_latents=8, group_size=8, num_sa_layers=1, num_heads=2)
+    art = save_encoder(tmp_path / "vip", build_encoder(spec), data=DataContract(num_points=64), provenance={})
+    assert finetune_main(_fit_args(demo, art, tmp_path / "run")) == 0
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert 0.0 <= result["metrics"]["test/acc"] <= 1.0
+    assert finetune_main(["probe", str(art), "--data", str(demo), "--json"]) == 0
+
+
 def test_finetune_rejects_contract_mismatch(
     demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
