@@ -23,7 +23,9 @@ from datapipes.shards import iter_split_samples, read_manifest
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("shards", type=Path, help="shard folder with image views")
     parser.add_argument("out", type=Path, help="PNG to write")
     parser.add_argument("--split", default="train")
