@@ -358,6 +358,8 @@ class PointCloudDataModule(pl.LightningDataModule):
         }
         if self._train_loader is not None:
             state["train_position"] = self._train_loader.state_dict()
+        elif self._resume_position is not None:  # restored, no loader built yet: keep it for the next run
+            state["train_position"] = dict(self._resume_position)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -58,6 +58,8 @@ class EpochLoader:
 
     def state_dict(self) -> dict[str, int]:
         """``{"epoch", "batches_done"}``: where training stands in the data (saved in checkpoints)."""
+        if self._resume is not None:  # restored but not started: the position is still the restored one
+            return {"epoch": self._resume[0], "batches_done": self._resume[1]}
         position = self.progress_source() if self.progress_source is not None else None
         epoch, done = position if position is not None else (self.epoch, 0)
         if epoch == self.epoch:  # a resumed pass: the source may count from where it resumed

@@ -8,7 +8,9 @@
   ones;
 - ``monitor/retrieval_top1``: image → point retrieval on the held-out (cloud, first image view) pairs: the
   fraction of images whose most similar point embedding (cosine of the projection heads' outputs) is their
-  own cloud's.
+  own cloud's. The held-out clouds are held out from the SVM fit only: they belong to the training split,
+  so the contrastive loss sees their pairs too; the retrieval measures how well training pairs are aligned
+  among unlabelled candidates, not generalisation to new objects.
 
 The official ViPFormer code selects its checkpoint on the SVM accuracy of the *test* split; this monitor
 never reads a test split, so a checkpoint chosen with it (``ModelCheckpoint(monitor="monitor/svm_acc")``)
@@ -25,7 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datapipes.shards import iter_split_samples
+from datapipes.geometry import fps_orders
+from datapipes.shards import iter_split_samples, read_manifest
 from datapipes.shards.codecs import decode_image
 from datapipes.splits import stratified_split
 from pretrain.encoders import PointEncoder
@@ -89,7 +92,7 @@ class ContrastiveMonitor(pl.Callback):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if split.startswith("test"):
+        if split.lower().startswith("test"):
             raise ValueError(f"ContrastiveMonitor never scores on a test split, got split={split!r}")
         for name, value in (("max_samples", max_samples), ("every_n_epochs", every_n_epochs)):
             if value < 2 if name == "max_samples" else value < 1:
@@ -109,15 +112,24 @@ class ContrastiveMonitor(pl.Callback):
         """(xyz (S, N, 3), labels (S,), images (S, C, H, W) or None, fit indices, held-out indices)."""
         if self._data is None:
             fields = ("xyz", "label", "images") if self.retrieval else ("xyz", "label")
-            samples = list(iter_split_samples(data_root, self.split, fields=fields))
+            manifest = read_manifest(data_root)
+            total = int(manifest["splits"][self.split]["samples"])
             rng = np.random.default_rng(self.seed)
-            if len(samples) > self.max_samples:
-                chosen = np.sort(rng.choice(len(samples), self.max_samples, replace=False))
-                samples = [samples[i] for i in chosen]
+            chosen = set(range(total))
+            if total > self.max_samples:
+                chosen = {int(i) for i in rng.choice(total, self.max_samples, replace=False)}
+            samples = []
+            for index, sample in enumerate(iter_split_samples(data_root, self.split, fields=fields)):
+                if index in chosen:  # only the chosen clouds, and only their first view, are kept
+                    sample["images"] = (sample.get("images") or [])[:1]
+                    samples.append(sample)
             smallest = min(int(s["xyz"].shape[0]) for s in samples)
             if smallest < num_points:
                 raise ValueError(f"{data_root}: clouds of {smallest} points, fewer than {num_points}")
-            xyz = np.stack([s["xyz"][:num_points] for s in samples]).astype(np.float32)
+            clouds = [s["xyz"] for s in samples]
+            if not manifest.get("fps_ordered", False):  # the first points are an FPS subsample only then
+                clouds = [c[order] for c, order in zip(clouds, fps_orders(clouds, num_points))]
+            xyz = np.stack([c[:num_points] for c in clouds]).astype(np.float32)
             labels = np.array([int(s.get("label", -1)) for s in samples], dtype=np.int64)
             if (labels < 0).any():
                 raise ValueError(f"{data_root}: split {self.split!r} has unlabelled clouds")
@@ -151,7 +163,7 @@ class ContrastiveMonitor(pl.Callback):
         )
         svm = SVC(kernel="linear", C=self.svm_c).fit(features[fit_idx], labels[fit_idx])
         result = {"svm_acc": float(np.mean(svm.predict(features[held_idx]) == labels[held_idx]))}
-        if images is not None:
+        if images is not None and getattr(module, "image_encoder", None) is not None:
             result["retrieval_top1"] = self._retrieval(module, xyz[held_idx], images[held_idx])
         return result
 
@@ -180,7 +192,8 @@ class ContrastiveMonitor(pl.Callback):
                     view = torch.from_numpy(images[start : start + self.batch_size]).to(device)
                     pictures.append(module.image_embeddings(module.eval_images(view)).float().cpu())
         finally:
-            module.train(was_training)  # type: ignore[attr-defined]
+            if was_training:
+                module.train()  # type: ignore[attr-defined]
         return retrieval_top1(torch.cat(pictures), torch.cat(points))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

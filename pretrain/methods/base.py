@@ -53,6 +53,8 @@ class PretrainModule(pl.LightningModule):
     method_name: ClassVar[str] = "pretrain"
     #: attribute holding the module the method hands to the next stage (written as its artifact).
     exported_module: ClassVar[str] = "encoder"
+    #: whether ``init_from`` makes sense: the method trains the point encoder it is given.
+    accepts_init_from: ClassVar[bool] = True
     #: attributes of further modules written with it, as artifacts in subfolders ``<artifact>/<name>``
     #: (e.g. the image encoder of an image-point contrastive method).
     companion_modules: ClassVar[tuple[str, ...]] = ()
@@ -74,6 +76,10 @@ class PretrainModule(pl.LightningModule):
         self.provenance_extra: dict[str, Any] = {}
         start: PointEncoder | None = None
         if init_from is not None:
+            if not self.accepts_init_from:
+                raise ValueError(
+                    f"{type(self).__name__} does not train a point encoder: init_from is not used"
+                )
             start, origin = _encoder_to_start_from(init_from)
             if encoder is not None and encoder != start.spec:
                 rank_zero_info(f"init_from {init_from}: its encoder spec replaces the configured one")

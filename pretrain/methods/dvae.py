@@ -50,6 +50,7 @@ class PointDVAE(PretrainModule):
     """
 
     method_name = "PointDVAE"
+    accepts_init_from = False
     exported_module = "dvae"
 
     def __init__(

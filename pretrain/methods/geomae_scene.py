@@ -67,6 +67,7 @@ class GeoMAEScene(PretrainModule):
     """
 
     method_name = "GeoMAEScene"
+    accepts_init_from = False
     encoder: PillarSceneEncoder  # type: ignore[assignment]
 
     def __init__(

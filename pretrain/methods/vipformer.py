@@ -96,9 +96,16 @@ class ViPFormer(PretrainModule):
         if not isinstance(spec, ViPFormerImageSpec):
             spec = ViPFormerImageSpec.from_dict(dict(spec))
         dim = projection_dim or self.encoder.embed_dim
-        self.image_encoder = ViPFormerImageEncoder(spec)
+        mask_token = getattr(self.encoder, "mask_token", None)
+        if isinstance(mask_token, torch.nn.Parameter):
+            mask_token.requires_grad_(False)  # a Point-BERT encoder's: unused here (DDP needs every grad)
         self.point_head = ProjectionHead(self.encoder.pooled_dim, dim)
-        self.image_head = ProjectionHead(self.image_encoder.pooled_dim, dim)
+        # Intra-modal only (cmid_weight 0): no image branch, so nothing untrained is built or exported.
+        self.image_encoder: ViPFormerImageEncoder | None = None
+        self.image_head: ProjectionHead | None = None
+        if cmid_weight > 0:
+            self.image_encoder = ViPFormerImageEncoder(spec)
+            self.image_head = ProjectionHead(self.image_encoder.pooled_dim, dim)
         self.temperature, self.gather_negatives = temperature, gather_negatives
         self.point_augment: dict[str, Any] = {
             "scale": tuple(point_scale),
@@ -121,15 +128,26 @@ class ViPFormer(PretrainModule):
         """Projected point embeddings: clouds (B, N, 3) -> (B, projection_dim)."""
         return self.point_head(self.encoder.pool(self.encoder.encode(points, generator=generator)))
 
+    def companions(self) -> dict[str, torch.nn.Module]:
+        """The image encoder, when the run trains one (``cmid_weight > 0``)."""
+        return super().companions() if self.image_encoder is not None else {}
+
+    def _image_branch(self) -> tuple[ViPFormerImageEncoder, ProjectionHead]:
+        if self.image_encoder is None or self.image_head is None:
+            raise ValueError("this ViPFormer has no image branch (cmid_weight=0)")
+        return self.image_encoder, self.image_head
+
     def image_embeddings(self, images: Tensor) -> Tensor:
         """Projected image embeddings: normalised images (B, 3, S, S) -> (B, projection_dim)."""
-        return self.image_head(self.image_encoder.pool(self.image_encoder(images)))
+        encoder, head = self._image_branch()
+        return head(encoder.pool(encoder(images)))
 
     def eval_images(self, images: Tensor) -> Tensor:
         """Images (B, C, H, W) in [0, 1] -> the encoder's input without augmentation (resize, normalise)."""
+        encoder, _ = self._image_branch()
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        images = resize_shorter_and_crop(images, self.image_encoder.spec.image_size)
+        images = resize_shorter_and_crop(images, encoder.spec.image_size)
         mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
         return (images - mean) / std
@@ -146,21 +164,25 @@ class ViPFormer(PretrainModule):
                 resized and normalised (the loss then measures the alignment of the clean pairs).
         """
         points = self.batch_points(batch)
-        if augment:
-            views = [augment_point_views(points, generator=generator, **self.point_augment) for _ in range(2)]
-        else:
-            views = [points, points]
+        cross_modal = self.loss_weights["cmid"] > 0
+        # Checked before any collective: a rank raising between two gathers would leave the others waiting.
+        images = self._one_view(batch, points.shape[0], generator) if cross_modal else None
+        with torch.autocast(points.device.type, enabled=False):  # views in the data's precision, not bf16
+            if augment:
+                views = [
+                    augment_point_views(points.float(), generator=generator, **self.point_augment)
+                    for _ in range(2)
+                ]
+                if images is not None:
+                    images = augment_images(images.float(), generator=generator, **self.image_augment)
+            else:
+                views = [points, points]
+                images = self.eval_images(images) if images is not None else None
         z1, z2 = (self.point_embeddings(view, generator) for view in views)
         terms: dict[str, Tensor] = {}
         if self.loss_weights["imid"] > 0:
             terms["imid"] = nt_xent(z1, z2, temperature=self.temperature, gather=self.gather_negatives)
-        if self.loss_weights["cmid"] > 0:
-            images = self._one_view(batch, points.shape[0], generator)
-            images = (
-                augment_images(images, generator=generator, **self.image_augment)
-                if augment
-                else self.eval_images(images)
-            )
+        if images is not None:
             z_image = self.image_embeddings(images)
             terms["cmid"] = nt_xent(
                 (z1 + z2) / 2, z_image, temperature=self.temperature, gather=self.gather_negatives

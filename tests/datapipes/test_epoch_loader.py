@@ -60,3 +60,9 @@ def test_a_position_at_the_end_of_the_epoch_gives_an_empty_pass_then_the_next_ep
     assert list(loader) == []  # nothing replayed
     assert list(loader) == list(range(8))
     assert epochs == [2]
+
+
+def test_a_restored_position_is_saved_again_before_the_resumed_pass_starts() -> None:
+    loader = _loader({"now": (1, 0)})
+    loader.load_state_dict({"epoch": 1, "batches_done": 3})
+    assert loader.state_dict() == {"epoch": 1, "batches_done": 3}

@@ -54,12 +54,12 @@ def demo_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_terms_are_nt_xent_of_the_views_and_train_every_part() -> None:
-    module = ViPFormer(POINT, IMAGE, temperature=0.2)
+    module = ViPFormer(POINT, IMAGE, temperature=0.2, cmid_weight=0.5)
     batch = _batch()
     terms = module.loss_terms(batch, torch.Generator().manual_seed(1))
     assert set(terms) == {"imid", "cmid"}
     loss = module.total_loss(terms)
-    torch.testing.assert_close(loss, terms["imid"] + terms["cmid"])
+    torch.testing.assert_close(loss, terms["imid"] + 0.5 * terms["cmid"])
     loss.backward()
     for part in (module.encoder, module.image_encoder, module.point_head, module.image_head):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
@@ -81,8 +81,11 @@ def test_terms_are_deterministic_under_a_seeded_generator() -> None:
 
 def test_intra_modal_only_needs_no_images_and_a_missing_image_is_a_clear_error() -> None:
     points_only = SimpleNamespace(points=torch.rand(4, 64, 3))
-    terms = ViPFormer(POINT, IMAGE, cmid_weight=0.0).loss_terms(points_only, torch.Generator())
+    intra = ViPFormer(POINT, IMAGE, cmid_weight=0.0)
+    terms = intra.loss_terms(points_only, torch.Generator())
     assert set(terms) == {"imid"}
+    assert intra.image_encoder is None  # nothing untrained is built, handed to DDP or exported
+    assert intra.companions() == {}
     with pytest.raises(ValueError, match="image views"):
         ViPFormer(POINT, IMAGE).loss_terms(points_only, torch.Generator())
 
@@ -110,10 +113,11 @@ def test_retrieval_top1_closed_form() -> None:
 
 def test_monitor_scores_a_held_out_part_of_train_and_never_a_test_split(demo_images: Path) -> None:
     with pytest.raises(ValueError, match="test split"):
-        ContrastiveMonitor(demo_images, split="test")
+        ContrastiveMonitor(demo_images, split="Test")
     monitor = ContrastiveMonitor(demo_images, holdout_fraction=0.25, num_points=64, batch_size=8)
     module = ViPFormer(POINT, ViPFormerImageSpec(image_size=24, patch_size=12, embed_dim=32, num_sa_layers=1))
     result = monitor.compute(module)
+    assert module.training  # the mode is restored
     assert set(result) == {"svm_acc", "retrieval_top1"}
     assert all(0.0 <= v <= 1.0 for v in result.values())
     _, _labels, images, fit_idx, held_idx = monitor._load(64, demo_images)
@@ -196,3 +200,15 @@ def test_two_process_gloo_ddp_with_gathered_negatives(demo_images: Path, tmp_pat
     assert ranks[0]["keys"] != ranks[1]["keys"]
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
     assert load_image_encoder(tmp_path / "encoder" / "image_encoder")[1]["kind"] == "image_encoder"
+
+
+def test_methods_that_train_no_point_encoder_refuse_init_from(tmp_path: Path) -> None:
+    from pretrain.checkpoint import save_encoder
+    from pretrain.encoders import build_encoder
+    from pretrain.encoders.spec import DataContract
+    from pretrain.methods.geomae_scene import GeoMAEScene
+    from pretrain.scene_encoder import SceneEncoderSpec
+
+    art = save_encoder(tmp_path / "a", build_encoder(POINT), data=DataContract(num_points=64), provenance={})
+    with pytest.raises(ValueError, match="init_from"):
+        GeoMAEScene(SceneEncoderSpec.named("tiny"), init_from=str(art))
