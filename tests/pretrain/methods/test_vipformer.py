@@ -200,6 +200,15 @@ def test_two_process_gloo_ddp_with_gathered_negatives(demo_images: Path, tmp_pat
     assert ranks[0]["keys"] != ranks[1]["keys"]
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
     assert load_image_encoder(tmp_path / "encoder" / "image_encoder")[1]["kind"] == "image_encoder"
+    # negatives from the rank's own batch only (the official behaviour) train other weights: gathering is on
+    local = fit_two_ranks(
+        [*TINY, f"--data.data_root={demo_images}", f"--trainer.default_root_dir={tmp_path / 'local'}",
+         "--trainer.max_epochs=1", "--model.init_args.gather_negatives=false"],
+        callback="tests.pretrain.methods.record_callback.RecordRank",
+        record=tmp_path / "record_local",
+    )  # fmt: skip
+    assert local[0]["keys"] == ranks[0]["keys"]  # the same data and draws
+    assert local[0]["weights_sha256"] != ranks[0]["weights_sha256"]
 
 
 def test_methods_that_train_no_point_encoder_refuse_init_from(tmp_path: Path) -> None:
