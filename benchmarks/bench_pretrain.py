@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
-import time
 from typing import Any
 
 import torch
 from naive import make_naive
+from step_timing import time_steps
 
 from pretrain.encoders.spec import PointViTSpec
 from pretrain.methods.point_mae import PointMAE
@@ -40,12 +39,6 @@ def make_model(variant: str, device: torch.device) -> PointMAE:
     return model
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run(variant: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     model = make_model(variant, device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
@@ -53,8 +46,6 @@ def run(variant: str, args: argparse.Namespace, device: torch.device) -> dict[st
         torch.rand(args.batch_size, 1024, 3, generator=torch.Generator().manual_seed(1)).to(device) * 2 - 1
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
     def step(i: int) -> float:
         optimizer.zero_grad(set_to_none=True)
@@ -64,22 +55,8 @@ def run(variant: str, args: argparse.Namespace, device: torch.device) -> dict[st
         optimizer.step()
         return float(loss)
 
-    for i in range(args.warmup):
-        step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for i in range(args.steps):
-        step(args.warmup + i)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - start
-    return {
-        "variant": variant,
-        "samples_per_s": args.batch_size * args.steps / elapsed,
-        "s_per_step": elapsed / args.steps,
-        "peak_memory_mb": peak_memory_mb(device),
-    }
+    timing = time_steps(step, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, device=device)
+    return {"variant": variant, **timing}
 
 
 def main() -> None:

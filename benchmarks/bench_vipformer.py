@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 from typing import Any
 
 import torch
+from step_timing import time_steps
 
 from pretrain.encoders import ViPFormerImageSpec, ViPFormerPointSpec
 from pretrain.methods.vipformer import ViPFormer
@@ -38,12 +37,6 @@ def make_model(size: str, device: torch.device) -> ViPFormer:
     return ViPFormer(ViPFormerPointSpec.named(size), ViPFormerImageSpec.named(size)).to(device)
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run(size: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     model = make_model(size, device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
@@ -53,8 +46,6 @@ def run(size: str, args: argparse.Namespace, device: torch.device) -> dict[str, 
         images=torch.rand(args.batch_size, 1, 3, 137, 137, generator=gen).to(device),  # 3D-R2N2 renders
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
     def step(i: int) -> float:
         optimizer.zero_grad(set_to_none=True)
@@ -64,23 +55,12 @@ def run(size: str, args: argparse.Namespace, device: torch.device) -> dict[str, 
         optimizer.step()
         return float(loss)
 
-    for i in range(args.warmup):
-        step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for i in range(args.steps):
-        step(args.warmup + i)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - start
+    timing = time_steps(step, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, device=device)
     return {
         "size": size,
         "parameters_point_encoder": sum(p.numel() for p in model.encoder.parameters()),
         "parameters_image_encoder": sum(p.numel() for p in model.image_encoder.parameters()),
-        "samples_per_s": args.batch_size * args.steps / elapsed,
-        "s_per_step": elapsed / args.steps,
-        "peak_memory_mb": peak_memory_mb(device),
+        **timing,
     }
 
 
