@@ -16,12 +16,14 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from datapipes.errors import UserError
 from finetune.contract import check_data_contract
 from pretrain.checkpoint import load_encoder, read_artifact_meta
 from pretrain.encoders import build_encoder
+from pretrain.encoders.any2point import Any2PointSpec
 from pretrain.encoders.base import PointEncoder
 from pretrain.encoders.spec import PointViTSpec
 from pretrain.ops.transforms import random_point_subset, scale_and_translate
@@ -64,7 +66,9 @@ class PointClassifier(pl.LightningModule):
     Args:
         num_classes: number of classes (linked from the data module).
         pretrained: encoder artifact directory; ``None`` trains from a random init of ``encoder``.
-        encoder: architecture for a random-init ("scratch") run; ignored when ``pretrained`` is set.
+        encoder: architecture for a run without an artifact, ignored when ``pretrained`` is set: a
+            ``point_vit`` spec trains from a random init ("scratch"); an ``any2point`` spec adapts its frozen
+            source model (only the tokenizer, adapters, CLS, final norm and head train).
         freeze_encoder: linear probe: the encoder is frozen (eval mode) and only the head trains.
         head: ``"mae"`` or ``"bert"`` head.
         drop_path: stochastic depth of the encoder during finetuning.
@@ -85,7 +89,7 @@ class PointClassifier(pl.LightningModule):
         self,
         num_classes: int,
         pretrained: str | None = None,
-        encoder: PointViTSpec | None = None,
+        encoder: PointViTSpec | Any2PointSpec | None = None,
         *,
         freeze_encoder: bool = False,
         head: Literal["mae", "bert"] = "mae",
@@ -120,8 +124,12 @@ class PointClassifier(pl.LightningModule):
 
     @staticmethod
     def _build_encoder(
-        pretrained: str | None, spec: PointViTSpec | None, drop_path: float, frozen: bool
+        pretrained: str | None, spec: PointViTSpec | Any2PointSpec | None, drop_path: float, frozen: bool
     ) -> tuple[PointEncoder, dict[str, Any]]:
+        if pretrained is None and isinstance(spec, Any2PointSpec):
+            adapted = build_encoder(spec)
+            source = {"file": spec.source_path, "sha256": adapted.spec.source_sha256}  # type: ignore[attr-defined]
+            return adapted, {"provenance": {"method": "any2point", "source": source}}
         if pretrained is None:
             base = spec if spec is not None else PointViTSpec()
             base = PointViTSpec.from_dict({**base.to_dict(), "drop_path": 0.0 if frozen else drop_path})
@@ -142,6 +150,19 @@ class PointClassifier(pl.LightningModule):
         if getattr(encoder, "mask_token", None) is not None:
             encoder.mask_token.requires_grad_(False)  # only used by BERT-style pre-training
         return encoder, meta
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable and frozen parameter counts of the whole model (encoder + head)."""
+        params = list(self.parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        return {"trainable": trainable, "frozen": sum(p.numel() for p in params) - trainable}
+
+    def on_fit_start(self) -> None:
+        """Prints how many parameters train (recorded in ``results.json`` too)."""
+        counts = self.parameter_counts()
+        rank_zero_info(
+            f"pcpt-finetune: {counts['trainable']:,} trainable parameters, {counts['frozen']:,} frozen"
+        )
 
     def check_data(self, num_points: int, normalization: str | None, *, data_root: str = "data") -> list[str]:
         """Checks the data against the pretrained artifact's data contract (nothing to check from scratch).

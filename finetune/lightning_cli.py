@@ -4,7 +4,9 @@
 The number of classes comes from the shards' manifest. After fitting, the test split is evaluated once, with
 the checkpoint selected on the validation split (held out from train) when a ``ModelCheckpoint`` monitors
 ``val/acc``, else with the last epoch's weights; ``results.json`` in the log directory records the protocol,
-the selection split, single-pass accuracy and the fixed-count voting accuracy separately.
+the selection split, single-pass accuracy, the fixed-count voting accuracy separately and the trainable and
+frozen parameter counts. ``--export_dir`` writes the finetuned encoder (with the weights the test used) as an
+artifact, e.g. an Any2Point encoder for ``probe``, ``fewshot`` and ``embed``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from finetune.classification import PointClassifier
 from finetune.data import ClassificationDataModule
+from pretrain.artifacts import save_module_artifact
+from pretrain.encoders import DataContract
 from pretrain.lightning_base import PcptLightningCLI, run_lightning
 
 __all__ = ["CLI_KWARGS", "FinetuneCLI", "run_lightning_cli"]
@@ -34,6 +38,12 @@ class FinetuneCLI(PcptLightningCLI):
         parser.link_arguments("data.num_points", "model.num_points")
         parser.link_arguments("data.pool_points", "model.pool_points")
         parser.add_argument("--skip_test", type=bool, default=False, help="do not evaluate the test split")
+        parser.add_argument(
+            "--export_dir",
+            type=str | None,
+            default=None,
+            help="write the finetuned encoder (the selected checkpoint's) as an artifact there after fit",
+        )
 
     def before_fit(self) -> None:
         model, data = self.model, self.datamodule
@@ -44,8 +54,39 @@ class FinetuneCLI(PcptLightningCLI):
 
     def after_fit(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.get("skip_test"):
+        if not config.get("skip_test"):
+            self._test_selected()
+        if config.get("export_dir"):
+            self._export(str(config["export_dir"]))
+
+    def _export(self, out_dir: str) -> None:
+        """Writes the finetuned encoder as an artifact (rank 0).
+
+        The weights are those the test used (the selected checkpoint's), or the last epoch's with
+        ``--skip_test``.
+        """
+        model, data = self.model, self.datamodule
+        if not self.trainer.is_global_zero:
             return
+        if not (isinstance(model, PointClassifier) and isinstance(data, ClassificationDataModule)):
+            return
+        contract = DataContract(
+            num_points=data.num_points,
+            normalization="none" if data.normalization == "none" else "unit_sphere",
+            fps_order=bool(data.manifest.get("fps_ordered", False)),
+        )
+        upstream = model.artifact_meta.get("provenance") or {}
+        provenance = {
+            "method": f"finetune ({upstream.get('method', 'random-init')})",
+            "step": self.trainer.global_step,
+            "epoch": self.trainer.current_epoch,
+            "finetuned_from": model.hparams.get("pretrained"),
+            "upstream": upstream,
+        }
+        out = save_module_artifact(out_dir, model.encoder, data=contract, provenance=provenance)
+        print(f"pcpt-finetune: artifact written to {out}")
+
+    def _test_selected(self) -> None:
         callback = self.trainer.checkpoint_callback
         checkpoint = callback if isinstance(callback, ModelCheckpoint) else None
         monitored = checkpoint is not None and checkpoint.monitor == "val/acc"
@@ -73,6 +114,7 @@ class FinetuneCLI(PcptLightningCLI):
             "metrics": {k: float(v) for k, v in (metrics[0] if metrics else {}).items()},
             "voting": f"{model.vote_views} augmented views averaged once (no best-of-N)",
             "pretrained": model.hparams.get("pretrained"),
+            "parameters": model.parameter_counts(),
             "artifact_provenance": model.artifact_meta.get("provenance"),
             "seed": model.seed,
         }

@@ -80,3 +80,28 @@ def test_finetune_config_instantiates(demo: Path, tmp_path: Path) -> None:
     cli: Any = FinetuneCLI(args=argv, run=False, **FINETUNE_KWARGS)
     cli.datamodule.setup("fit")
     assert cli.model.cls_head_finetune[-1].out_features == 2
+
+
+ANY2POINT = sorted((REPO / "configs" / "finetune").glob("any2point_*.yaml"))
+
+
+@pytest.mark.parametrize("config", ANY2POINT, ids=lambda p: p.name)
+def test_any2point_config_instantiates(config: Path, demo: Path, tmp_path: Path) -> None:
+    """Each Any2Point config builds with a small random source model in its layout (the real ones are big)."""
+    import yaml
+
+    from pretrain.encoders import Any2PointEncoder
+    from pretrain.sources.synthetic import write_random_source
+
+    layout = yaml.safe_load(config.read_text())["model"]["encoder"]["source_layout"]
+    suffix = ".safetensors" if layout == "bert" else ".pth"
+    source = write_random_source(
+        tmp_path / f"source{suffix}", layout, embed_dim=64, num_heads=4, positions=80
+    )
+    argv = _cpu(["-c", str(config), f"--data.data_root={demo}", f"--model.encoder.source_path={source}"])
+    if layout != "bert":
+        argv.append("--model.encoder.source_num_heads=4")
+    cli: Any = FinetuneCLI(args=argv, run=False, **FINETUNE_KWARGS)
+    cli.datamodule.setup("fit")
+    assert isinstance(cli.model.encoder, Any2PointEncoder)
+    assert cli.model.encoder.min_points <= cli.datamodule.num_points

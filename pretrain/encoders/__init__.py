@@ -7,6 +7,7 @@ example one read from an encoder artifact with :func:`spec_from_dict`) into a mo
 
 from __future__ import annotations
 
+from pretrain.encoders.any2point import Any2PointEncoder, Any2PointSpec
 from pretrain.encoders.base import EncoderOutput, PointEncoder
 from pretrain.encoders.point_vit import PointViT
 from pretrain.encoders.registry import (
@@ -28,6 +29,8 @@ from pretrain.encoders.vipformer import (
 __all__ = [
     "ENCODER_FAMILIES",
     "NAMED_SIZES",
+    "Any2PointEncoder",
+    "Any2PointSpec",
     "DataContract",
     "EncoderFamily",
     "EncoderOutput",
@@ -48,3 +51,4 @@ __all__ = [
 
 register_encoder_family("point_vit", PointViTSpec, PointViT)
 register_encoder_family("vipformer_point", ViPFormerPointSpec, ViPFormerPointEncoder)
+register_encoder_family("any2point", Any2PointSpec, Any2PointEncoder)
