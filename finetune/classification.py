@@ -25,6 +25,7 @@ from pretrain.checkpoint import load_encoder, read_artifact_meta
 from pretrain.encoders import build_encoder
 from pretrain.encoders.any2point import Any2PointSpec
 from pretrain.encoders.base import PointEncoder
+from pretrain.encoders.point_adapter import PointAdapterSpec
 from pretrain.encoders.spec import PointViTSpec
 from pretrain.ops.transforms import random_point_subset, scale_and_translate
 from pretrain.optim import AdamW, configure_optimization
@@ -68,7 +69,8 @@ class PointClassifier(pl.LightningModule):
         pretrained: encoder artifact directory; ``None`` trains from a random init of ``encoder``.
         encoder: architecture for a run without an artifact, ignored when ``pretrained`` is set: a
             ``point_vit`` spec trains from a random init ("scratch"); an ``any2point`` spec adapts its frozen
-            source model (only the tokenizer, adapters, CLS, final norm and head train).
+            source model (only the tokenizer, adapters, CLS, final norm and head train); a
+            ``point_adapter`` spec adapts a frozen pcpt encoder artifact (adapters, final norm and head).
         freeze_encoder: linear probe: the encoder is frozen (eval mode) and only the head trains.
         head: ``"mae"`` or ``"bert"`` head.
         drop_path: stochastic depth of the encoder during finetuning.
@@ -89,7 +91,7 @@ class PointClassifier(pl.LightningModule):
         self,
         num_classes: int,
         pretrained: str | None = None,
-        encoder: PointViTSpec | Any2PointSpec | None = None,
+        encoder: PointViTSpec | Any2PointSpec | PointAdapterSpec | None = None,
         *,
         freeze_encoder: bool = False,
         head: Literal["mae", "bert"] = "mae",
@@ -124,12 +126,19 @@ class PointClassifier(pl.LightningModule):
 
     @staticmethod
     def _build_encoder(
-        pretrained: str | None, spec: PointViTSpec | Any2PointSpec | None, drop_path: float, frozen: bool
+        pretrained: str | None,
+        spec: PointViTSpec | Any2PointSpec | PointAdapterSpec | None,
+        drop_path: float,
+        frozen: bool,
     ) -> tuple[PointEncoder, dict[str, Any]]:
         if pretrained is None and isinstance(spec, Any2PointSpec):
             adapted = build_encoder(spec)
             source = {"file": spec.source_path, "sha256": adapted.spec.source_sha256}  # type: ignore[attr-defined]
             return adapted, {"provenance": {"method": "any2point", "source": source}}
+        if pretrained is None and isinstance(spec, PointAdapterSpec):
+            adapted = build_encoder(spec)
+            frozen_base = {"artifact": spec.base_path, "sha256": adapted.spec.base_sha256}  # type: ignore[attr-defined]
+            return adapted, {"provenance": {"method": "point_adapter", "base": frozen_base}}
         if pretrained is None:
             base = spec if spec is not None else PointViTSpec()
             base = PointViTSpec.from_dict({**base.to_dict(), "drop_path": 0.0 if frozen else drop_path})

@@ -105,3 +105,14 @@ def test_any2point_config_instantiates(config: Path, demo: Path, tmp_path: Path)
     cli.datamodule.setup("fit")
     assert isinstance(cli.model.encoder, Any2PointEncoder)
     assert cli.model.encoder.min_points <= cli.datamodule.num_points
+
+
+def test_point_adapter_config_instantiates(demo: Path, tmp_path: Path) -> None:
+    from pretrain.checkpoint import save_encoder
+    from pretrain.encoders import DataContract, PointAdapterEncoder, PointViTSpec, build_encoder
+
+    base = save_encoder(tmp_path / "base", build_encoder(PointViTSpec()), data=DataContract(), provenance={})
+    config = REPO / "configs" / "finetune" / "point_adapter.yaml"
+    argv = _cpu(["-c", str(config), f"--data.data_root={demo}", f"--model.encoder.base_path={base}"])
+    cli: Any = FinetuneCLI(args=argv, run=False, **FINETUNE_KWARGS)
+    assert isinstance(cli.model.encoder, PointAdapterEncoder)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pretrain.encoders.any2point import Any2PointEncoder, Any2PointSpec
 from pretrain.encoders.base import EncoderOutput, PointEncoder
+from pretrain.encoders.point_adapter import PointAdapterEncoder, PointAdapterSpec
 from pretrain.encoders.point_vit import PointViT
 from pretrain.encoders.registry import (
     ENCODER_FAMILIES,
@@ -36,6 +37,8 @@ __all__ = [
     "EncoderOutput",
     "EncoderSpec",
     "PatchTokenizer",
+    "PointAdapterEncoder",
+    "PointAdapterSpec",
     "PointEncoder",
     "PointTokens",
     "PointViT",
@@ -52,3 +55,4 @@ __all__ = [
 register_encoder_family("point_vit", PointViTSpec, PointViT)
 register_encoder_family("vipformer_point", ViPFormerPointSpec, ViPFormerPointEncoder)
 register_encoder_family("any2point", Any2PointSpec, Any2PointEncoder)
+register_encoder_family("point_adapter", PointAdapterSpec, PointAdapterEncoder)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from datapipes.errors import UserError
 from pretrain.encoders.base import EncoderOutput, PointEncoder, resolve_layers
+from pretrain.encoders.frozen import leave_out_of_state, own_tensors
 from pretrain.encoders.spec import EncoderSpec, check_positive_int
 from pretrain.encoders.tokenizer import PointTokens
 from pretrain.nn.any2point_adapter import (
@@ -249,13 +250,6 @@ def _load_checked_source(spec: Any2PointSpec) -> SourceTransformer:
     return source
 
 
-def _own_tensors(module: nn.Module) -> dict[str, Tensor]:
-    """Parameters and buffers of ``module`` by name, detached (read past the state-dict hooks)."""
-    named: dict[str, Tensor] = dict(module.named_parameters(remove_duplicate=False))
-    named.update(module.named_buffers(remove_duplicate=False))
-    return {key: value.detach() for key, value in named.items()}
-
-
 class Any2PointEncoder(PointEncoder):
     """Any2Point point encoder built from an :class:`Any2PointSpec` (see the module docstring).
 
@@ -320,9 +314,9 @@ class Any2PointEncoder(PointEncoder):
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.cls_pos, std=0.02)
         self._source_keys = frozenset(
-            key for key in _own_tensors(source) if ".adapters." not in f".{key}"
+            key for key in own_tensors(source) if ".adapters." not in f".{key}"
         ) & frozenset(source.state_dict())
-        self._register_state_hooks()
+        leave_out_of_state(self, self._aliases())
 
     # ---------------------------------------------------------------------------------- state dict
     def _aliases(self) -> dict[str, str]:
@@ -338,27 +332,6 @@ class Any2PointEncoder(PointEncoder):
             for key in shared:
                 aliases[f"guided.{i}.{key}"] = key
         return aliases
-
-    def _register_state_hooks(self) -> None:
-        """Hooks: ``state_dict`` drops the keys of :meth:`_aliases`; loading puts them back.
-
-        The frozen source is named by the spec instead of being saved; the shared attention is saved once.
-        Loads fill the dropped keys in the incoming dict, so strict loads (Lightning's resume) accept it.
-        """
-        aliases = self._aliases()
-
-        def drop(module: nn.Module, state: dict[str, Any], prefix: str, local: Any) -> None:
-            for key in aliases:
-                state.pop(prefix + key, None)
-
-        def fill(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
-            own = _own_tensors(module)
-            for key, saved in aliases.items():
-                if prefix + key not in state:
-                    state[prefix + key] = state.get(prefix + saved, own[key]) if saved else own[key]
-
-        self.register_state_dict_post_hook(drop)
-        self.register_load_state_dict_pre_hook(fill)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """The parts that train, by module: name -> module (every parameter in them trains)."""
@@ -384,7 +357,7 @@ class Any2PointEncoder(PointEncoder):
 
     def source_state(self) -> dict[str, Tensor]:
         """The frozen source tensors (names relative to ``source``), e.g. to check they never change."""
-        own = _own_tensors(self.source)
+        own = own_tensors(self.source)
         return {key: own[key] for key in sorted(self._source_keys)}
 
     # ------------------------------------------------------------------------------------- interface

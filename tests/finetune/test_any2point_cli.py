@@ -102,3 +102,33 @@ def test_two_step_training_exports_an_artifact_that_probe_fewshot_and_embed_use(
     with np.load(out) as features:
         assert features["pooled"].shape == (3, 64)
         assert features["tokens"].shape == (3, 16, 32)
+
+
+def test_adapters_on_a_frozen_pcpt_artifact_train_and_export(demo: Path, tmp_path: Path) -> None:
+    from pretrain.artifacts import save_encoder
+    from pretrain.encoders import DataContract, PointAdapterEncoder, PointViTSpec, build_encoder
+
+    torch.manual_seed(0)
+    base_encoder = build_encoder(PointViTSpec.named("tiny", num_groups=8, group_size=8))
+    base = save_encoder(tmp_path / "base", base_encoder, data=DataContract(num_points=64), provenance={})
+    art = tmp_path / "adapted"
+    args = [
+        "fit", "-c", str(REPO / "configs/finetune/point_adapter.yaml"), f"--data.data_root={demo}",
+        f"--trainer.default_root_dir={tmp_path}", f"--model.encoder.base_path={base}",
+        "--model.encoder.attn_heads=2", "--model.encoder.voxel_size=0.5", "--data.num_points=64",
+        "--data.pool_points=72", "--data.batch_size=8", "--data.val_fraction=0.2", "--trainer.max_epochs=2",
+        "--trainer.enable_progress_bar=false", "--trainer.logger=false", f"--export_dir={art}",
+    ]  # fmt: skip
+    assert finetune_main(args) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["artifact_provenance"]["method"] == "point_adapter"
+    base_params = sum(p.numel() for p in base_encoder.parameters())
+    norm_params = sum(p.numel() for p in base_encoder.norm.parameters())
+    assert result["parameters"]["frozen"] == base_params - norm_params
+    encoder, meta = load_encoder(art)
+    assert isinstance(encoder, PointAdapterEncoder)
+    assert meta["provenance"]["method"] == "finetune (point_adapter)"
+    for key, value in load_encoder(base)[0].state_dict().items():  # the base artifact is untouched
+        if not key.startswith("norm."):
+            assert torch.equal(encoder.frozen_state()[key], value), key
+    assert finetune_main(["probe", str(art), "--data", str(demo), "--method", "knn"]) == 0
