@@ -32,7 +32,10 @@ from pretrain.optim import AdamW, configure_optimization
 from pretrain.schedules import WarmupCosineLR
 from pretrain.training import MicroBatchIndex, seed_step_randomness, seeded_generator
 
-__all__ = ["PointClassifier", "classification_head"]
+__all__ = ["FROZEN_FILES_KEY", "PointClassifier", "classification_head"]
+
+#: checkpoint entry with the sha256 of frozen files whose tensors the checkpoint does not hold.
+FROZEN_FILES_KEY = "pcpt_frozen_files"
 
 
 def classification_head(
@@ -172,6 +175,31 @@ class PointClassifier(pl.LightningModule):
         rank_zero_info(
             f"pcpt-finetune: {counts['trainable']:,} trainable parameters, {counts['frozen']:,} frozen"
         )
+
+    def _frozen_files(self) -> dict[str, str]:
+        """sha256 of the frozen files the encoder is built on (an Any2Point source, an adapted base)."""
+        spec = self.encoder.spec
+        return {
+            key: str(getattr(spec, key)) for key in ("source_sha256", "base_sha256") if hasattr(spec, key)
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Records the sha256 of frozen files left out of the weights (checked when the checkpoint loads)."""
+        checkpoint[FROZEN_FILES_KEY] = self._frozen_files()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuses a checkpoint whose frozen files (not in its weights) differ from the ones loaded now.
+
+        Raises:
+            UserError: another source model or base encoder than the checkpoint was trained on.
+        """
+        recorded = checkpoint.get(FROZEN_FILES_KEY) or {}
+        for key, sha in self._frozen_files().items():
+            if key in recorded and recorded[key] != sha:
+                raise UserError(
+                    f"the checkpoint was trained on a frozen file with {key} {recorded[key]}, but the one "
+                    f"loaded now has {sha}: point the config at the same file"
+                )
 
     def check_data(self, num_points: int, normalization: str | None, *, data_root: str = "data") -> list[str]:
         """Checks the data against the pretrained artifact's data contract (nothing to check from scratch).

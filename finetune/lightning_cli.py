@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from finetune.classification import PointClassifier
 from finetune.data import ClassificationDataModule
 from pretrain.artifacts import save_module_artifact
+from pretrain.checkpoint import read_checkpoint_file
 from pretrain.encoders import DataContract
 from pretrain.lightning_base import PcptLightningCLI, run_lightning
 
@@ -32,6 +33,8 @@ class FinetuneCLI(PcptLightningCLI):
     """LightningCLI with the data → model links and a final held-out-selected test evaluation."""
 
     run_name = "finetune"
+    #: the checkpoint the test evaluated (its weights are in the model afterwards), if not the last epoch's
+    _selected_checkpoint: str | None = None
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -76,10 +79,16 @@ class FinetuneCLI(PcptLightningCLI):
             fps_order=bool(data.manifest.get("fps_ordered", False)),
         )
         upstream = model.artifact_meta.get("provenance") or {}
+        step, epoch, selected = self.trainer.global_step, self.trainer.current_epoch, "last epoch"
+        if self._selected_checkpoint:  # the test loaded it: its own step and epoch, not the run's last
+            src, ckpt = read_checkpoint_file(self._selected_checkpoint)
+            step, epoch, selected = ckpt.get("global_step"), ckpt.get("epoch"), src.name
         provenance = {
             "method": f"finetune ({upstream.get('method', 'random-init')})",
-            "step": self.trainer.global_step,
-            "epoch": self.trainer.current_epoch,
+            "step": step,
+            "epoch": epoch,
+            "checkpoint": selected,
+            "parameters": model.parameter_counts(),
             "finetuned_from": model.hparams.get("pretrained"),
             "upstream": upstream,
         }
@@ -91,6 +100,8 @@ class FinetuneCLI(PcptLightningCLI):
         checkpoint = callback if isinstance(callback, ModelCheckpoint) else None
         monitored = checkpoint is not None and checkpoint.monitor == "val/acc"
         ckpt_path = "best" if checkpoint is not None and monitored and checkpoint.best_model_path else None
+        if ckpt_path == "best" and checkpoint is not None:
+            self._selected_checkpoint = checkpoint.best_model_path
         metrics = self.trainer.test(
             self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False
         )

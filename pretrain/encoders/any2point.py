@@ -116,6 +116,11 @@ class Any2PointSpec(EncoderSpec):
             (default): by the table length, the large-batch limit of the official formula, independent of
             the batch; ``"cloud"``: by each cloud's own extent; ``"batch"``: the official formula, whose
             extent is taken over the whole batch (a sample's positions then depend on its batch-mates).
+        pos_mode: where the encoding is added: before every block (``"every_block"``, default), also once at
+            the input (``"input_and_every_block"``: the official ScanObjectNN model, whose first block sees
+            it twice) or only at the input (``"input"``: the official ModelNet sub-projects). A BERT-layout
+            source's embedding LayerNorm (``input_norm``) is applied to the input tokens, after the encoding
+            when it is added there.
         official_interpolation: 1-D sources: the official interpolation weights, which give a zero encoding
             at exact integer positions and past the table's end (off: ordinary clamped linear interpolation).
         official_layout_2d: 2-D sources: the official reshape of the sampled table without a transpose,
@@ -149,6 +154,7 @@ class Any2PointSpec(EncoderSpec):
     direction: tuple[float, float, float] = (1.0, -1.0, 0.0)
     positions: int | None = None
     rescale: Literal["fixed", "cloud", "batch"] = "fixed"
+    pos_mode: Literal["every_block", "input_and_every_block", "input"] = "every_block"
     official_interpolation: bool = False
     official_layout_2d: bool = False
     adapter_dim: int = 8
@@ -171,6 +177,10 @@ class Any2PointSpec(EncoderSpec):
             raise ValueError(f"Any2PointSpec has arch 'any2point', got {self.arch!r}")
         if not self.source_path:
             raise ValueError("source_path is required: the frozen source model's file")
+        if self.pos_mode not in ("every_block", "input_and_every_block", "input"):
+            raise ValueError(
+                f"pos_mode must be every_block, input_and_every_block or input, got {self.pos_mode!r}"
+            )
         if self.rescale not in ("fixed", "cloud", "batch"):
             raise ValueError(f"rescale must be fixed, cloud or batch, got {self.rescale!r}")
         if self.source_layout not in ("bert", "clip_text", "vit"):
@@ -216,7 +226,10 @@ def resolve_source_path(spec: Any2PointSpec) -> Path:
     searched: list[str] = []
     if spec.source_path.startswith(PACKAGE_PREFIX):
         package, _, inner = spec.source_path[len(PACKAGE_PREFIX) :].partition("/")
-        found = importlib.util.find_spec(package) if package else None
+        try:
+            found = importlib.util.find_spec(package) if package else None
+        except (ImportError, ValueError):  # a dotted name whose parent is not installed
+            found = None
         locations = list(found.submodule_search_locations or []) if found is not None else []
         recorded = Path(locations[0]) / inner if locations else Path(inner)
         if not locations:
@@ -273,6 +286,15 @@ class Any2PointEncoder(PointEncoder):
         if not isinstance(spec, Any2PointSpec):
             raise ValueError(f"Any2PointEncoder needs an Any2PointSpec, got {type(spec).__name__}")
         source = _load_checked_source(spec)
+        if (
+            spec.projection == "1d"
+            and spec.positions is not None
+            and spec.positions > source.pos_table.shape[0]
+        ):
+            raise ValueError(
+                f"positions={spec.positions} is more than the {source.pos_table.shape[0]} entries of "
+                f"{spec.source_path}'s positional table"
+            )
         if spec.projection == "2d" and source.patch_size is None:
             raise ValueError(f"{spec.source_path}: a 2-D source needs a patch size")
         self.spec = replace(spec, source_sha256=source.sha256)
@@ -298,7 +320,11 @@ class Any2PointEncoder(PointEncoder):
                     dim, spec.adapter_dim, spec.adapter_scale, dropout=spec.adapter_dropout
                 )
                 cast(Block, block).attach_adapter("mlp", adapter)
-        self.attn1, self.norm3 = make_view_attention(dim, NUM_VIEWS, spec.attn_dim, spec.attn_heads)
+        self.attn1, self.norm3 = (
+            make_view_attention(dim, NUM_VIEWS, spec.attn_dim, spec.attn_heads)
+            if spec.guided
+            else (nn.ModuleList(), nn.ModuleList())  # nothing to train without guided adapters
+        )
         self.guided = nn.ModuleList(
             GuidedAdapter(
                 dim,
@@ -474,10 +500,12 @@ class Any2PointEncoder(PointEncoder):
         layer_ids = resolve_layers(return_layers, len(self.source.blocks))
         pos, context = self.positional_encoding(centers)
         pos = torch.cat([self.cls_pos.expand(batch, -1, -1), pos], dim=1)
-        x = self.source.input_norm(torch.cat([self.cls_token.expand(batch, -1, -1), tokens], dim=1))
+        x = torch.cat([self.cls_token.expand(batch, -1, -1), tokens], dim=1)
+        mode = self.spec.pos_mode
+        x = self.source.input_norm(x + pos if mode != "every_block" else x)
         captured: dict[int, Tensor] = {}
         for i, block in enumerate(self.source.blocks):
-            x = self._run_block(block, x + pos)
+            x = self._run_block(block, x + pos if mode != "input" else x)
             if self.guided:
                 x = x + self.guided[i](x, context)
             if i in layer_ids:

@@ -25,6 +25,33 @@ def own_tensors(module: nn.Module) -> dict[str, Tensor]:
     return {key: value.detach() for key, value in named.items()}
 
 
+class _DropKeys:
+    """``state_dict`` post-hook: removes the left-out keys (a plain object, so modules still pickle)."""
+
+    def __init__(self, aliases: Mapping[str, str]) -> None:
+        self.aliases = dict(aliases)
+
+    def __call__(self, owner: nn.Module, state: dict[str, Any], prefix: str, local: Any) -> None:
+        for key in self.aliases:
+            state.pop(prefix + key, None)
+
+
+class _FillKeys:
+    """``load_state_dict`` pre-hook: puts the left-out keys back.
+
+    A frozen tensor comes from the module itself, a shared module's copy from its saved key.
+    """
+
+    def __init__(self, aliases: Mapping[str, str]) -> None:
+        self.aliases = dict(aliases)
+
+    def __call__(self, owner: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        own = own_tensors(owner)
+        for key, saved in self.aliases.items():
+            if prefix + key not in state:
+                state[prefix + key] = state.get(prefix + saved, own[key]) if saved else own[key]
+
+
 def leave_out_of_state(module: nn.Module, aliases: Mapping[str, str]) -> None:
     """Leaves keys out of ``module.state_dict()`` and fills them back in when loading.
 
@@ -32,18 +59,9 @@ def leave_out_of_state(module: nn.Module, aliases: Mapping[str, str]) -> None:
         module: the module whose state dict changes (keys are relative to it).
         aliases: key left out -> the saved key it duplicates (a module shared under two names), or ``""``
             for a frozen tensor, which loading takes from the module itself.
+
+    Hooks are module-level callables (not closures), so the module still pickles (``ddp_spawn``,
+    ``torch.save`` of a whole model).
     """
-    dropped = dict(aliases)
-
-    def drop(owner: nn.Module, state: dict[str, Any], prefix: str, local: Any) -> None:
-        for key in dropped:
-            state.pop(prefix + key, None)
-
-    def fill(owner: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
-        own = own_tensors(owner)
-        for key, saved in dropped.items():
-            if prefix + key not in state:
-                state[prefix + key] = state.get(prefix + saved, own[key]) if saved else own[key]
-
-    module.register_state_dict_post_hook(drop)
-    module.register_load_state_dict_pre_hook(fill)
+    module.register_state_dict_post_hook(_DropKeys(aliases))
+    module.register_load_state_dict_pre_hook(_FillKeys(aliases))

@@ -159,7 +159,8 @@ class PointAdapterEncoder(PointEncoder):
         if not isinstance(spec, PointAdapterSpec):
             raise ValueError(f"PointAdapterEncoder needs a PointAdapterSpec, got {type(spec).__name__}")
         base, sha = load_base_encoder(spec)
-        self.spec = replace(spec, base_sha256=sha)
+        where = str(Path(spec.base_path).expanduser().resolve())  # loads from any working directory
+        self.spec = replace(spec, base_path=where, base_sha256=sha)
         self.base = base
         frozen = frozenset(base.state_dict()) - (
             {f"norm.{k}" for k in base.norm.state_dict()} if spec.train_norm else set()
@@ -167,7 +168,11 @@ class PointAdapterEncoder(PointEncoder):
         base.requires_grad_(False)
         base.norm.requires_grad_(spec.train_norm)
         dim = base.embed_dim
-        self.attn1, self.norm3 = make_view_attention(dim, NUM_VIEWS, spec.attn_dim, spec.attn_heads)
+        self.attn1, self.norm3 = (
+            make_view_attention(dim, NUM_VIEWS, spec.attn_dim, spec.attn_heads)
+            if spec.guided
+            else (nn.ModuleList(), nn.ModuleList())  # nothing to train without guided adapters
+        )
         for block in base.blocks:
             block = cast(Block, block)
             if spec.adapter_dim > 0:
@@ -194,6 +199,7 @@ class PointAdapterEncoder(PointEncoder):
         for i in range(len(base.blocks) if spec.guided else 0):
             aliases.update({f"base.blocks.{i}.adapters.output.{key}": key for key in shared})
         leave_out_of_state(self, aliases)
+        self.train()  # the frozen base in eval mode from the start (Lightning never calls train())
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """The parts that train, by module (every parameter in them trains, shared ones counted once)."""

@@ -109,26 +109,54 @@ def test_adapters_on_a_frozen_pcpt_artifact_train_and_export(demo: Path, tmp_pat
     from pretrain.encoders import DataContract, PointAdapterEncoder, PointViTSpec, build_encoder
 
     torch.manual_seed(0)
-    base_encoder = build_encoder(PointViTSpec.named("tiny", num_groups=8, group_size=8))
+    base_encoder = build_encoder(PointViTSpec.named("tiny", num_groups=8, group_size=8, drop_path=0.5))
     base = save_encoder(tmp_path / "base", base_encoder, data=DataContract(num_points=64), provenance={})
     art = tmp_path / "adapted"
     args = [
         "fit", "-c", str(REPO / "configs/finetune/point_adapter.yaml"), f"--data.data_root={demo}",
         f"--trainer.default_root_dir={tmp_path}", f"--model.encoder.base_path={base}",
         "--model.encoder.attn_heads=2", "--model.encoder.voxel_size=0.5", "--data.num_points=64",
-        "--data.pool_points=72", "--data.batch_size=8", "--data.val_fraction=0.2", "--trainer.max_epochs=2",
+        "--data.pool_points=72", "--data.batch_size=8", "--data.val_fraction=0.2", "--trainer.max_epochs=3",
         "--trainer.enable_progress_bar=false", "--trainer.logger=false", f"--export_dir={art}",
     ]  # fmt: skip
-    assert finetune_main(args) == 0
+    cli: Any = FinetuneCLI(args=args, **CLI_KWARGS)
+    live = cli.model.encoder
+    assert isinstance(live, PointAdapterEncoder)
+    # the live model after training: every frozen tensor of the base (BatchNorm statistics included) as stored
+    stored, _ = load_encoder(base)
+    for key, value in stored.state_dict().items():
+        if not key.startswith("norm."):
+            assert torch.equal(live.frozen_state()[key], value), key
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["artifact_provenance"]["method"] == "point_adapter"
     base_params = sum(p.numel() for p in base_encoder.parameters())
     norm_params = sum(p.numel() for p in base_encoder.norm.parameters())
     assert result["parameters"]["frozen"] == base_params - norm_params
+    # the export holds the weights the test scored, and names the checkpoint they came from
     encoder, meta = load_encoder(art)
     assert isinstance(encoder, PointAdapterEncoder)
     assert meta["provenance"]["method"] == "finetune (point_adapter)"
-    for key, value in load_encoder(base)[0].state_dict().items():  # the base artifact is untouched
-        if not key.startswith("norm."):
-            assert torch.equal(encoder.frozen_state()[key], value), key
+    selected = result["model_selection"]["checkpoint"].rsplit(" at ", 1)[1]
+    assert meta["provenance"]["checkpoint"] == selected
+    assert f"step={meta['provenance']['step']}." in selected
+    clouds = torch.rand(2, 64, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        live.eval()
+        torch.testing.assert_close(
+            encoder.eval().pool(encoder.encode(clouds)), live.pool(live.encode(clouds))
+        )
     assert finetune_main(["probe", str(art), "--data", str(demo), "--method", "knn"]) == 0
+
+
+def test_a_checkpoint_refuses_another_source_file(demo: Path, tmp_path: Path) -> None:
+    from datapipes.errors import UserError
+    from finetune.classification import PointClassifier
+
+    path = tmp_path / "src" / "model.safetensors"
+    source = write_random_source(path, "bert", embed_dim=32, depth=2, positions=80)
+    assert finetune_main(["fit", *_args(demo, source, tmp_path / "run"), "--skip_test=true"]) == 0
+    last = next((tmp_path / "run").rglob("last.ckpt"))
+    assert PointClassifier.load_from_checkpoint(last) is not None  # same file: loads
+    write_random_source(source, "bert", embed_dim=32, depth=2, positions=80, seed=5)  # other weights
+    with pytest.raises(UserError, match="source_sha256"):
+        PointClassifier.load_from_checkpoint(last)

@@ -54,8 +54,10 @@ def test_training_leaves_the_base_bit_identical(tmp_path: Path) -> None:
     before = {k: v.clone() for k, v in enc.frozen_state().items()}
     params = [p for p in enc.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    assert not enc.base.training  # as built: frozen BatchNorm statistics and drop-path in eval mode
+    assert enc.trainable_modules()["mlp.0"].training
     enc.train()
-    assert not enc.base.training  # frozen BatchNorm statistics and drop-path stay in eval mode
+    assert not enc.base.training  # and after train()
     for step in range(3):
         loss = enc.pool(enc.encode(_clouds(4, step))).square().mean()
         optimizer.zero_grad()
