@@ -4,12 +4,15 @@ Both take an encoder artifact and a shard directory (:func:`add_eval_parser`), c
 the artifact's data contract and load the encoder (:func:`load_setup`), load labelled splits
 (:func:`load_split`), extract pooled features with ``pretrain.features.extract_features``
 (:func:`split_features`) and print a report, as a table or as JSON with ``--json`` (:func:`print_report`),
-that starts with :func:`report_header`.
+that starts with :func:`report_header`. The result's summary is then recorded in the artifact
+(``encoder.json`` under ``evaluations``, and its model card) unless ``--no-record`` (:func:`record_result`).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ __all__ = [
     "load_setup",
     "load_split",
     "print_report",
+    "record_result",
     "report_header",
     "split_features",
 ]
@@ -51,8 +55,9 @@ def add_eval_parser(
     """Adds an evaluation subcommand with the arguments every one takes; returns its parser.
 
     The common arguments: ``ART``, ``--data OUT`` and ``--verify`` (the inputs), ``--num-points``,
-    ``--batch-size`` and ``--device`` (the feature extraction) and ``--json``. ``handler`` (also as ``func``)
-    becomes the parser's default.
+    ``--batch-size`` and ``--device`` (the feature extraction), ``--json`` and ``--no-record`` (``record``:
+    whether to record the result in the artifact). ``handler`` (also as ``func``) becomes the parser's
+    default.
     """
     p: argparse.ArgumentParser = subparsers.add_parser(name, help=help, description=description)
     p.add_argument("artifact", metavar="ART", type=Path, help="encoder artifact directory")
@@ -76,6 +81,13 @@ def add_eval_parser(
         help="where to run (default: %(default)s)",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument(
+        "--no-record",
+        dest="record",
+        action="store_false",
+        help="do not record the result in the artifact (by default it is appended to encoder.json under "
+        "'evaluations' and to the model card README.md, when the artifact is writable)",
+    )
     p.set_defaults(handler=handler, func=handler)
     return p
 
@@ -227,3 +239,49 @@ def print_report(report: Mapping[str, Any], rows: Sequence[tuple[str, str]], as_
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
     return 0
+
+
+# -------------------------------------------------------------------------------------------- recording
+
+
+def record_result(
+    command: str, args: argparse.Namespace, setup: EvalSetup, summary: Mapping[str, Any]
+) -> bool:
+    """Appends a result summary to the artifact's ``evaluations`` and model card, unless ``--no-record``.
+
+    The entry is ``summary`` (protocol, splits, numbers) after the command, the data (path, manifest
+    sha256, points per cloud), the date (UTC) and the pcpt git sha. ``encoder.json`` and ``README.md`` are
+    replaced atomically, the weights are not touched. A read-only artifact (or one that changed since it was
+    loaded) is not an error: a note on stderr says the result was not recorded.
+
+    Returns:
+        Whether the result was recorded.
+    """
+    if not getattr(args, "record", True):
+        return False
+    from pretrain.artifact_files import META_FILE, ArtifactError, record_evaluation
+    from pretrain.provenance import git_sha
+
+    artifact = Path(args.artifact)
+    entry = {
+        "command": command,
+        "data": str(args.data),
+        "manifest_sha256": setup.manifest_sha256,
+        "num_points": setup.num_points,
+        **summary,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_sha": git_sha(),
+    }
+    if not (os.access(artifact, os.W_OK) and os.access(artifact / META_FILE, os.W_OK)):
+        return _not_recorded(artifact, "the artifact is read-only")
+    try:
+        record_evaluation(artifact, entry)
+    except (OSError, ArtifactError, ValueError) as err:
+        return _not_recorded(artifact, str(err))
+    print(f"{PROG}: recorded the result in {artifact / META_FILE} and its model card", file=sys.stderr)
+    return True
+
+
+def _not_recorded(artifact: Path, why: str) -> bool:
+    print(f"{PROG}: note: the result was not recorded in {artifact} ({why})", file=sys.stderr)
+    return False

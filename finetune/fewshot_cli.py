@@ -3,13 +3,15 @@
 ``fewshot ART --data OUT --way W --shot S`` draws seeded episodes (or reads them with ``--episodes FILE``),
 evaluates each fold with the ``svm`` protocol (frozen pooled features) or the ``finetune`` protocol (full
 finetuning per fold) and prints a table, or JSON with ``--json``, that states the protocol, the episodes'
-checksum and the selection. :func:`add_fewshot_parser` adds the subcommand to a ``pcpt-finetune`` parser and
-sets ``handler`` (and ``func``) to :func:`run_fewshot_command`.
+checksum and the selection, and records it in the artifact (``encoder.json`` ``evaluations`` and the model
+card; ``--no-record`` skips it). :func:`add_fewshot_parser` adds the subcommand to a ``pcpt-finetune``
+parser and sets ``handler`` (and ``func``) to :func:`run_fewshot_command`.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -204,4 +206,16 @@ def _report(
     ]
     rows += [(f"fold {i}", f"{100 * a:.2f}") for i, a in enumerate(result.fold_accuracies)]
     rows.append(("mean ± std", f"{result.summary()} % (sample std, ddof=1)"))
-    return eval_cli.print_report(report, rows, args.json)
+    status = eval_cli.print_report(report, rows, args.json)
+    eval_cli.record_result("fewshot", args, setup, _summary(report))
+    return status
+
+
+def _summary(report: dict[str, Any]) -> dict[str, Any]:
+    """What the artifact records of a few-shot report: the protocol, the episodes and mean ± std."""
+    keys = ("protocol", "way", "shot", "query", "folds", "seed", "support_split", "query_split", "mean")
+    out = {key: report[key] for key in (*keys, "std", "std_kind", "summary", "episodes_sha256")}
+    out.update(fold_accuracies=report["fold_accuracies"], selection=report["selection"])
+    if isinstance(out["std"], float) and math.isnan(out["std"]):
+        out["std"] = None  # one fold: no sample std (encoder.json stays strict JSON)
+    return out

@@ -2,7 +2,8 @@
 
 ``probe ART --data OUT`` extracts pooled features of the train and test splits with the frozen encoder and
 runs a linear-SVM probe (C chosen on a hold-out of train) or a kNN probe; it prints a table, or JSON with
-``--json``, that states the protocol, the split used for selection and the single-pass test accuracy.
+``--json``, that states the protocol, the split used for selection and the single-pass test accuracy, and
+records it in the artifact (``encoder.json`` ``evaluations`` and the model card; ``--no-record`` skips it).
 :func:`add_probe_parser` adds the subcommand to a ``pcpt-finetune`` parser and sets ``handler`` (and
 ``func``) to :func:`run_probe_command`.
 """
@@ -129,4 +130,12 @@ def run_probe_command(args: argparse.Namespace) -> int:
     if result.val_accuracy:
         rows.append(("val acc", ", ".join(f"C={c}: {100 * a:.2f}" for c, a in result.val_accuracy.items())))
     rows.append(("test acc", f"{100 * result.accuracy:.2f} % (single pass)"))
-    return eval_cli.print_report(report, rows, args.json)
+    status = eval_cli.print_report(report, rows, args.json)
+    eval_cli.record_result("probe", args, setup, _summary(report))
+    return status
+
+
+def _summary(report: dict[str, Any]) -> dict[str, Any]:
+    """What the artifact records of a probe report: the protocol, the splits and the accuracy."""
+    keys = ("protocol", "train_split", "test_split", "accuracy", "selection", "params", "n_train", "n_val")
+    return {key: report[key] for key in (*keys, "n_test", "seed", "feature_dim")}

@@ -2,7 +2,9 @@
 
 Low-level and kind-agnostic; ``pretrain.artifacts`` builds on it (kinds, modules, provenance). Writes go to a
 temporary sibling directory that is renamed into place, so an interrupted write never leaves a directory that
-looks like a complete artifact, and files pcpt did not write are never touched.
+looks like a complete artifact, and files pcpt did not write are never touched. Every write also renders the
+artifact's model card (``README.md``, ``pretrain.model_card``) from the metadata; :func:`record_evaluation`
+appends an evaluation result to ``encoder.json`` and re-renders the card without touching the weights.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from datapipes.errors import UserError
+from pretrain.model_card import CARD_FILE, is_model_card, render_model_card
 
 __all__ = [
     "ARTIFACT_FORMAT",
@@ -33,6 +36,7 @@ __all__ = [
     "load_artifact_tensors",
     "load_state_strict",
     "read_artifact_meta",
+    "record_evaluation",
     "save_artifact",
     "state_mismatch",
 ]
@@ -64,8 +68,12 @@ def save_artifact(out_dir: str | Path, tensors: Mapping[str, Tensor], meta: Mapp
 
     A new (or empty) ``out_dir`` is written as a temporary sibling directory that is renamed into place. An
     existing artifact is updated in place: its ``encoder.json`` is removed first (so the folder no longer
-    looks complete), the new weights and then the new ``encoder.json`` are moved in; other files in the
-    folder are kept. A non-empty directory that is not an artifact is refused.
+    looks complete), the new weights, the new model card and then the new ``encoder.json`` are moved in;
+    other files in the folder are kept. A non-empty directory that is not an artifact is refused.
+
+    The model card (``README.md``, :func:`pretrain.model_card.render_model_card`) is written with the
+    artifact and replaces the card of an earlier write; a ``README.md`` that is not a pcpt card (the user's
+    own notes) is kept and no card is written.
 
     Args:
         out_dir: destination directory.
@@ -83,11 +91,8 @@ def save_artifact(out_dir: str | Path, tensors: Mapping[str, Tensor], meta: Mapp
     if not meta.get("kind"):
         raise ValueError("artifact meta must name its 'kind'")
     check_artifact_destination(out)
-    full_meta = {"format": ARTIFACT_FORMAT, **meta}
-    try:
-        text = json.dumps(full_meta, indent=2, default=_json_default) + "\n"
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"artifact metadata is not JSON serialisable: {err}") from err
+    text = _meta_text({"format": ARTIFACT_FORMAT, **meta})
+    card = _card_text(out, json.loads(text))
     state = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -95,10 +100,14 @@ def save_artifact(out_dir: str | Path, tensors: Mapping[str, Tensor], meta: Mapp
     tmp.mkdir()
     try:
         save_file(state, str(tmp / WEIGHTS_FILE))
+        if card is not None:
+            _write_synced(tmp / CARD_FILE, card)
         _write_synced(tmp / META_FILE, text)  # the meta file goes last
         if out.is_dir() and any(out.iterdir()):
             (out / META_FILE).unlink(missing_ok=True)  # from here on the folder is an incomplete artifact
             os.replace(tmp / WEIGHTS_FILE, out / WEIGHTS_FILE)
+            if card is not None:
+                os.replace(tmp / CARD_FILE, out / CARD_FILE)
             os.replace(tmp / META_FILE, out / META_FILE)
             tmp.rmdir()
         else:
@@ -130,6 +139,68 @@ def check_artifact_destination(out: str | Path) -> None:
     raise ArtifactError(
         f"{out}: non-empty directory that is not a pcpt artifact (no {META_FILE}); choose another path"
     )
+
+
+def _meta_text(meta: Mapping[str, Any]) -> str:
+    """``encoder.json``'s text.
+
+    Raises:
+        ValueError: metadata that is not JSON serialisable.
+    """
+    try:
+        return json.dumps(meta, indent=2, default=_json_default) + "\n"
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"artifact metadata is not JSON serialisable: {err}") from err
+
+
+def _card_text(out: Path, meta: Mapping[str, Any]) -> str | None:
+    """The model card to write into ``out``, or None when ``out`` holds a README that is not a pcpt card."""
+    existing = out / CARD_FILE
+    if existing.exists():
+        try:
+            if not existing.is_file() or not is_model_card(existing.read_text(encoding="utf-8")):
+                return None
+        except (OSError, UnicodeDecodeError):
+            return None
+    return render_model_card(meta, folder=out.resolve().name)
+
+
+def record_evaluation(path: str | Path, entry: Mapping[str, Any]) -> dict[str, Any]:
+    """Appends an evaluation result to an artifact's ``encoder.json`` and re-renders its model card.
+
+    ``meta["evaluations"]`` gets ``entry`` appended. The new ``encoder.json`` and card are written to
+    temporary files in the artifact folder first and then moved over the old ones (``os.replace``), the
+    metadata first; the weights file is never touched, and a ``README.md`` that is not a pcpt card is kept.
+
+    Args:
+        path: artifact directory.
+        entry: the result (plain data: protocol, data, numbers, date, ...).
+
+    Returns:
+        The updated metadata.
+
+    Raises:
+        ArtifactError: not a readable artifact.
+        ValueError: an entry that is not JSON serialisable.
+        OSError: the artifact cannot be written (read-only folder or file system); nothing is changed.
+    """
+    src = Path(path)
+    meta = read_artifact_meta(src)
+    meta["evaluations"] = [*(meta.get("evaluations") or []), dict(entry)]
+    text = _meta_text(meta)
+    card = _card_text(src, json.loads(text))
+    pending = [(src / META_FILE, text)] + ([(src / CARD_FILE, card)] if card is not None else [])
+    temporary: list[Path] = []
+    try:
+        for target, content in pending:
+            temporary.append(target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"))
+            _write_synced(temporary[-1], content)
+        for tmp, (target, _) in zip(temporary, pending):
+            os.replace(tmp, target)
+    finally:
+        for tmp in temporary:
+            tmp.unlink(missing_ok=True)
+    return meta
 
 
 def _write_synced(path: Path, text: str) -> None:

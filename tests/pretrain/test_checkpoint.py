@@ -50,7 +50,7 @@ def _artifact(tmp_path: Path, enc: PointEncoder | None = None, name: str = "art"
 def test_round_trip_gives_identical_outputs(tmp_path: Path, gen: torch.Generator) -> None:
     enc = _trained_like()
     art = _artifact(tmp_path, enc)
-    assert sorted(p.name for p in art.iterdir()) == ["encoder.json", "encoder.safetensors"]
+    assert sorted(p.name for p in art.iterdir()) == ["README.md", "encoder.json", "encoder.safetensors"]
     loaded, meta = load_encoder(art)
     assert loaded.spec == SPEC
     for key, value in enc.state_dict().items():
