@@ -35,21 +35,16 @@ import torch
 from torch import Tensor, nn
 
 from datapipes.errors import UserError
+from pretrain.encoders.adapter_options import AdapterOptions, build_adapters, shared_attention_aliases
 from pretrain.encoders.base import EncoderOutput, PointEncoder, resolve_layers
 from pretrain.encoders.frozen import leave_out_of_state, own_tensors
 from pretrain.encoders.spec import EncoderSpec, check_positive_int
 from pretrain.encoders.tokenizer import PointTokens
-from pretrain.nn.any2point_adapter import (
-    BottleneckAdapter,
-    GuidedAdapter,
-    GuidedContext,
-    make_view_attention,
-)
+from pretrain.nn.any2point_adapter import GuidedContext
 from pretrain.nn.point_pn import PointPN
 from pretrain.nn.transformer import Block
 from pretrain.ops import PatchGroups
 from pretrain.ops.virtual_projection import (
-    NUM_VIEWS,
     cells_1d,
     cells_2d,
     interpolate_table_1d,
@@ -88,7 +83,7 @@ class SourceFileError(UserError):
 
 
 @dataclass(frozen=True)
-class Any2PointSpec(EncoderSpec):
+class Any2PointSpec(AdapterOptions, EncoderSpec):
     """Architecture of an Any2Point encoder (``arch="any2point"``).
 
     Defaults follow the ModelNet40 sub-projects with a 1-D text source (METHODS §6.1, §6.5).
@@ -108,8 +103,6 @@ class Any2PointSpec(EncoderSpec):
         tokenizer_k: neighbours per Point-PN group.
         tokenizer_normalize: Point-PN neighbour normalisation (``"mn40"``: by the std of each cloud's offsets,
             officially of the whole batch's; ``"scan"``: per group and axis by the largest offset).
-        translation: the views' z translation (TRANS; the camera distance).
-        direction: 1-D sources: the projection direction (``pos_cor``).
         positions: 1-D sources: how many entries of the positional table the projection spans (None: all;
             CLIP's 77).
         rescale: 1-D sources: the second rescale of the projected positions onto the table. ``"fixed"``
@@ -125,19 +118,13 @@ class Any2PointSpec(EncoderSpec):
             at exact integer positions and past the table's end (off: ordinary clamped linear interpolation).
         official_layout_2d: 2-D sources: the official reshape of the sampled table without a transpose,
             which mixes the encodings of a view's tokens (for official 2-D checkpoints only).
-        adapter_dim: bottleneck width of the MLP-branch adapters (0: none).
-        adapter_scale: their output scale ``s``.
-        adapter_dropout: their dropout.
-        guided: add the any-to-3D guided adapter after every block.
-        attn_dim: inner width of the guided adapter's per-view local attention (shared by all blocks).
-        attn_heads: its heads.
-        reduce_1d: its per-cell pooling (``"mean"`` or ``"maxmean"``).
-        voxel_size: voxel size of the 3-D prior branch (in the clouds' units).
-        cell_1d: 1-D sources: local-attention cell length in table positions.
         cell_2d: 2-D sources: local-attention cell size in canvas pixels.
-        fusion_coef: scale of the guided adapter's fused view features (``coef_pro``).
         sequence_first: reproduce the official CLIP-text attention across the batch (see the module
             docstring); never for new models.
+
+        The adapter fields (``adapter_dim``, ``guided``, ``attn_dim``, ``voxel_size``, ``translation``,
+        ``direction`` (1-D sources: the projection direction), ``cell_1d`` (1-D sources: in table positions),
+        ``fusion_coef``, ...) are those of :class:`~pretrain.encoders.adapter_options.AdapterOptions`.
     """
 
     arch: Literal["any2point"] = "any2point"
@@ -150,24 +137,12 @@ class Any2PointSpec(EncoderSpec):
     tokenizer_stages: int = 3
     tokenizer_k: int = 64
     tokenizer_normalize: Literal["mn40", "scan"] = "mn40"
-    translation: float = -1.4
-    direction: tuple[float, float, float] = (1.0, -1.0, 0.0)
     positions: int | None = None
     rescale: Literal["fixed", "cloud", "batch"] = "fixed"
     pos_mode: Literal["every_block", "input_and_every_block", "input"] = "every_block"
     official_interpolation: bool = False
     official_layout_2d: bool = False
-    adapter_dim: int = 8
-    adapter_scale: float = 1.0
-    adapter_dropout: float = 0.1
-    guided: bool = True
-    attn_dim: int = 12
-    attn_heads: int = 6
-    reduce_1d: Literal["mean", "maxmean"] = "mean"
-    voxel_size: float = 0.16
-    cell_1d: float = 2.0
     cell_2d: int = 26
-    fusion_coef: float = 0.1
     sequence_first: bool = False
 
     tuple_fields = ("direction",)
@@ -187,19 +162,11 @@ class Any2PointSpec(EncoderSpec):
             raise ValueError(f"source_layout must be bert, clip_text or vit, got {self.source_layout!r}")
         if self.tokenizer_dim is not None:
             check_positive_int("tokenizer_dim", self.tokenizer_dim)
-        for name in ("num_tokens", "tokenizer_stages", "tokenizer_k", "attn_dim", "attn_heads", "cell_2d"):
+        for name in ("num_tokens", "tokenizer_stages", "tokenizer_k", "cell_2d"):
             check_positive_int(name, getattr(self, name))
-        if self.adapter_dim < 0:
-            raise ValueError(f"adapter_dim must be >= 0, got {self.adapter_dim}")
-        if len(self.direction) != 3 or not any(self.direction):
-            raise ValueError(f"direction must be 3 numbers, not all zero, got {self.direction}")
+        self.check_adapter_options()
         if self.positions is not None and self.positions < 2:
             raise ValueError(f"positions must be >= 2 or None, got {self.positions}")
-        for name in ("voxel_size", "cell_1d"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not 0.0 <= self.adapter_dropout < 1.0:
-            raise ValueError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout}")
 
     @property
     def num_points(self) -> int:
@@ -314,50 +281,19 @@ class Any2PointEncoder(PointEncoder):
         final = source.norm
         if isinstance(final, nn.LayerNorm) and final.normalized_shape == (dim,):
             self.norm.load_state_dict(final.state_dict())
-        if spec.adapter_dim > 0:
-            for block in source.blocks:
-                adapter = BottleneckAdapter(
-                    dim, spec.adapter_dim, spec.adapter_scale, dropout=spec.adapter_dropout
-                )
-                cast(Block, block).attach_adapter("mlp", adapter)
-        self.attn1, self.norm3 = (
-            make_view_attention(dim, NUM_VIEWS, spec.attn_dim, spec.attn_heads)
-            if spec.guided
-            else (nn.ModuleList(), nn.ModuleList())  # nothing to train without guided adapters
-        )
-        self.guided = nn.ModuleList(
-            GuidedAdapter(
-                dim,
-                attn_dim=spec.attn_dim,
-                attn_heads=spec.attn_heads,
-                coef=spec.fusion_coef,
-                reduce_1d=spec.reduce_1d,
-                attn1=self.attn1,
-                norm3=self.norm3,
-            )
-            for _ in (source.blocks if spec.guided else ())
-        )
+        adapters = build_adapters(spec, dim, len(source.blocks))
+        for block, adapter in zip(source.blocks, adapters.mlp, strict=False):
+            cast(Block, block).attach_adapter("mlp", adapter)
+        self.attn1, self.norm3 = adapters.attn1, adapters.norm3
+        self.guided = nn.ModuleList(adapters.guided)
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.cls_pos, std=0.02)
         self._source_keys = frozenset(
             key for key in own_tensors(source) if ".adapters." not in f".{key}"
         ) & frozenset(source.state_dict())
-        leave_out_of_state(self, self._aliases())
-
-    # ---------------------------------------------------------------------------------- state dict
-    def _aliases(self) -> dict[str, str]:
-        """Keys (relative to the encoder) left out of ``state_dict`` -> the saved key they duplicate.
-
-        ``""`` for the frozen source tensors (filled from the live source when loading).
-        """
         aliases = {f"source.{key}": "" for key in self._source_keys}
-        shared = {f"attn1.{key}" for key in self.attn1.state_dict()} | {
-            f"norm3.{key}" for key in self.norm3.state_dict()
-        }
-        for i in range(len(self.guided)):
-            for key in shared:
-                aliases[f"guided.{i}.{key}"] = key
-        return aliases
+        aliases.update(shared_attention_aliases(adapters, (f"guided.{i}." for i in range(len(self.guided)))))
+        leave_out_of_state(self, aliases)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """The parts that train, by module: name -> module (every parameter in them trains)."""

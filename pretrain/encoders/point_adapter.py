@@ -27,20 +27,15 @@ from torch import Tensor, nn
 from datapipes.errors import UserError
 from datapipes.files import sha256_file
 from pretrain.artifact_files import WEIGHTS_FILE, load_artifact_tensors, load_state_strict
+from pretrain.encoders.adapter_options import AdapterOptions, build_adapters, shared_attention_aliases
 from pretrain.encoders.base import EncoderOutput, PointEncoder
 from pretrain.encoders.frozen import leave_out_of_state, own_tensors
 from pretrain.encoders.point_vit import PointViT
 from pretrain.encoders.registry import build_encoder, spec_from_dict
 from pretrain.encoders.spec import EncoderSpec
 from pretrain.encoders.tokenizer import PointTokens
-from pretrain.nn.any2point_adapter import (
-    BottleneckAdapter,
-    GuidedAdapter,
-    guided_context_1d,
-    make_view_attention,
-)
+from pretrain.nn.any2point_adapter import guided_context_1d
 from pretrain.nn.transformer import Block
-from pretrain.ops.virtual_projection import NUM_VIEWS
 
 __all__ = ["BaseEncoderError", "PointAdapterEncoder", "PointAdapterSpec"]
 
@@ -50,43 +45,22 @@ class BaseEncoderError(UserError):
 
 
 @dataclass(frozen=True)
-class PointAdapterSpec(EncoderSpec):
+class PointAdapterSpec(AdapterOptions, EncoderSpec):
     """Adapters on a frozen pcpt encoder artifact (``arch="point_adapter"``).
 
     Attributes:
         arch: ``"point_adapter"``.
         base_path: the frozen encoder's artifact directory.
         base_sha256: sha256 of its weights file; None until first built (then recorded and checked).
-        adapter_dim: bottleneck width of the MLP-branch adapters (0: none).
-        adapter_scale: their output scale.
-        adapter_dropout: their dropout.
-        guided: add the any-to-3D guided adapter to every block's output.
-        attn_dim: inner width of the guided adapters' local attention (shared by all blocks).
-        attn_heads: its heads.
-        reduce_1d: its per-cell pooling (``"mean"`` or ``"maxmean"``).
-        voxel_size: voxel size of the 3-D prior branch.
-        translation: the views' z translation.
-        direction: the 1-D projection direction that cuts the views into cells.
-        cell_1d: cell length along it, in positions of a 77-long line.
-        fusion_coef: scale of the guided adapters' fused view features.
         train_norm: train the encoder's final LayerNorm.
+
+        The adapter fields are those of :class:`~pretrain.encoders.adapter_options.AdapterOptions`
+        (``cell_1d`` in positions of a 77-long line).
     """
 
     arch: Literal["point_adapter"] = "point_adapter"
     base_path: str = ""
     base_sha256: str | None = None
-    adapter_dim: int = 8
-    adapter_scale: float = 1.0
-    adapter_dropout: float = 0.1
-    guided: bool = True
-    attn_dim: int = 12
-    attn_heads: int = 6
-    reduce_1d: Literal["mean", "maxmean"] = "mean"
-    voxel_size: float = 0.16
-    translation: float = -1.4
-    direction: tuple[float, float, float] = (1.0, -1.0, 0.0)
-    cell_1d: float = 2.0
-    fusion_coef: float = 0.1
     train_norm: bool = True
 
     tuple_fields = ("direction",)
@@ -96,15 +70,7 @@ class PointAdapterSpec(EncoderSpec):
             raise ValueError(f"PointAdapterSpec has arch 'point_adapter', got {self.arch!r}")
         if not self.base_path:
             raise ValueError("base_path is required: the frozen encoder's artifact directory")
-        if self.adapter_dim < 0:
-            raise ValueError(f"adapter_dim must be >= 0, got {self.adapter_dim}")
-        if self.attn_dim < 1 or self.attn_heads < 1:
-            raise ValueError(f"attn_dim and attn_heads must be >= 1, got {self.attn_dim}, {self.attn_heads}")
-        if len(self.direction) != 3 or not any(self.direction):
-            raise ValueError(f"direction must be 3 numbers, not all zero, got {self.direction}")
-        for name in ("voxel_size", "cell_1d"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        self.check_adapter_options()
 
 
 def load_base_encoder(spec: PointAdapterSpec) -> tuple[PointViT, str]:
@@ -167,37 +133,16 @@ class PointAdapterEncoder(PointEncoder):
         )
         base.requires_grad_(False)
         base.norm.requires_grad_(spec.train_norm)
-        dim = base.embed_dim
-        self.attn1, self.norm3 = (
-            make_view_attention(dim, NUM_VIEWS, spec.attn_dim, spec.attn_heads)
-            if spec.guided
-            else (nn.ModuleList(), nn.ModuleList())  # nothing to train without guided adapters
-        )
-        for block in base.blocks:
-            block = cast(Block, block)
-            if spec.adapter_dim > 0:
-                adapter = BottleneckAdapter(
-                    dim, spec.adapter_dim, spec.adapter_scale, dropout=spec.adapter_dropout
-                )
-                block.attach_adapter("mlp", adapter)
-            if spec.guided:
-                guided = GuidedAdapter(
-                    dim,
-                    attn_dim=spec.attn_dim,
-                    attn_heads=spec.attn_heads,
-                    coef=spec.fusion_coef,
-                    reduce_1d=spec.reduce_1d,
-                    attn1=self.attn1,
-                    norm3=self.norm3,
-                )
-                block.attach_adapter("output", guided)
+        adapters = build_adapters(spec, base.embed_dim, len(base.blocks))
+        for block, adapter in zip(base.blocks, adapters.mlp, strict=False):
+            cast(Block, block).attach_adapter("mlp", adapter)
+        for block, guided in zip(base.blocks, adapters.guided, strict=False):
+            cast(Block, block).attach_adapter("output", guided)
+        self.attn1, self.norm3 = adapters.attn1, adapters.norm3
         self._frozen_keys = frozen
         aliases = {f"base.{key}": "" for key in frozen}
-        shared = [f"attn1.{k}" for k in self.attn1.state_dict()] + [
-            f"norm3.{k}" for k in self.norm3.state_dict()
-        ]
-        for i in range(len(base.blocks) if spec.guided else 0):
-            aliases.update({f"base.blocks.{i}.adapters.output.{key}": key for key in shared})
+        guided_at = (f"base.blocks.{i}.adapters.output." for i in range(len(adapters.guided)))
+        aliases.update(shared_attention_aliases(adapters, guided_at))
         leave_out_of_state(self, aliases)
         self.train()  # the frozen base in eval mode from the start (Lightning never calls train())
 
