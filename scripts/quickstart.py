@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from pretrain.checkpoint import load_encoder, save_encoder
-from pretrain.encoders import build_encoder
-from pretrain.encoders.spec import DataContract, PointViTSpec
+from pretrain.encoders import build_encoder, spec_from_dict
+from pretrain.encoders.spec import DataContract
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,11 +44,11 @@ def last_json(text: str) -> dict:
 
 
 def random_init_artifact(pretrained: Path, out: Path, seed: int = 0) -> Path:
-    """An artifact with the pretrained encoder's architecture and a random initialisation."""
+    """An artifact with the architecture of `pretrained` (any encoder family) and a random initialisation."""
     _, meta = load_encoder(pretrained)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        encoder = build_encoder(PointViTSpec.from_dict(meta["spec"]))
+        encoder = build_encoder(spec_from_dict(meta["spec"]))
     contract = DataContract.from_dict(meta["data_contract"])
     return save_encoder(out, encoder, data=contract, provenance={"method": "random-init", "seed": seed})
 
