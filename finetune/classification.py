@@ -163,6 +163,18 @@ class PointClassifier(pl.LightningModule):
             encoder.mask_token.requires_grad_(False)  # only used by BERT-style pre-training
         return encoder, meta
 
+    @property
+    def protocol(self) -> str:
+        """What trains, in words (results.json): linear probe, adapters on a frozen model, full finetuning."""
+        if self.freeze_encoder:
+            return "linear probe (frozen encoder)"
+        arch = getattr(getattr(self.encoder, "spec", None), "arch", None)
+        if arch == "any2point":
+            return "any2point (frozen source transformer; Point-PN tokenizer, adapters and head train)"
+        if arch == "point_adapter":
+            return "adapters on a frozen encoder (adapters, final norm and head train)"
+        return "full finetuning"
+
     def parameter_counts(self) -> dict[str, int]:
         """Trainable and frozen parameter counts of the whole model (encoder + head)."""
         params = list(self.parameters())

@@ -111,7 +111,7 @@ class FinetuneCLI(PcptLightningCLI):
         if not (isinstance(model, PointClassifier) and isinstance(data, ClassificationDataModule)):
             return
         result = {
-            "protocol": "linear probe (frozen encoder)" if model.freeze_encoder else "full finetuning",
+            "protocol": model.protocol,
             "model_selection": {
                 **data.selection,
                 "checkpoint": (
@@ -123,7 +123,11 @@ class FinetuneCLI(PcptLightningCLI):
             },
             "test_split": data.test_split,
             "metrics": {k: float(v) for k, v in (metrics[0] if metrics else {}).items()},
-            "voting": f"{model.vote_views} augmented views averaged once (no best-of-N)",
+            "voting": (
+                f"{model.vote_views} augmented views averaged once (no best-of-N)"
+                if model.vote_views > 0
+                else "none (single pass only)"
+            ),
             "pretrained": model.hparams.get("pretrained"),
             "parameters": model.parameter_counts(),
             "artifact_provenance": model.artifact_meta.get("provenance"),

@@ -62,6 +62,7 @@ def test_fit_trains_only_the_adapted_parts_and_leaves_the_source_bit_identical(
     assert counts["frozen"] == sum(p.numel() for p in encoder.source.parameters() if not p.requires_grad)
     assert counts["trainable"] == sum(p.numel() for p in cli.model.parameters() if p.requires_grad)
     assert result["artifact_provenance"]["method"] == "any2point"
+    assert result["protocol"].startswith("any2point (frozen source transformer")
     assert result["artifact_provenance"]["source"]["sha256"] == encoder.spec.source_sha256
     assert 0.0 <= result["metrics"]["test/acc"] <= 1.0
 
@@ -129,6 +130,7 @@ def test_adapters_on_a_frozen_pcpt_artifact_train_and_export(demo: Path, tmp_pat
             assert torch.equal(live.frozen_state()[key], value), key
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["artifact_provenance"]["method"] == "point_adapter"
+    assert result["protocol"].startswith("adapters on a frozen encoder")
     base_params = sum(p.numel() for p in base_encoder.parameters())
     norm_params = sum(p.numel() for p in base_encoder.norm.parameters())
     assert result["parameters"]["frozen"] == base_params - norm_params

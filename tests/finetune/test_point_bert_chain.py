@@ -65,6 +65,7 @@ def test_dvae_then_mpm_then_finetune(tmp_path: Path) -> None:
     assert finetune_main(argv) == 0
     result = json.loads((tmp_path / "ft" / "results.json").read_text())
     assert result["protocol"] == "full finetuning"
+    assert result["voting"] == "none (single pass only)"
     assert 0.0 <= result["metrics"]["test/acc"] <= 1.0
     checkpoint = next(iter(sorted((tmp_path / "ft" / "checkpoints").glob("*.ckpt"))))
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
