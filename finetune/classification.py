@@ -168,11 +168,13 @@ class PointClassifier(pl.LightningModule):
         """What trains, in words (results.json): linear probe, adapters on a frozen model, full finetuning."""
         if self.freeze_encoder:
             return "linear probe (frozen encoder)"
-        arch = getattr(getattr(self.encoder, "spec", None), "arch", None)
+        spec = getattr(self.encoder, "spec", None)
+        arch = getattr(spec, "arch", None)
         if arch == "any2point":
-            return "any2point (frozen source transformer; Point-PN tokenizer, adapters and head train)"
+            return "any2point (frozen source; Point-PN tokenizer, adapters, CLS, norm and head train)"
         if arch == "point_adapter":
-            return "adapters on a frozen encoder (adapters, final norm and head train)"
+            norm = ", final norm" if getattr(spec, "train_norm", False) else ""
+            return f"adapters on a frozen encoder (adapters{norm} and head train)"
         return "full finetuning"
 
     def parameter_counts(self) -> dict[str, int]:

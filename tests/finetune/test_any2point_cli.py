@@ -62,7 +62,7 @@ def test_fit_trains_only_the_adapted_parts_and_leaves_the_source_bit_identical(
     assert counts["frozen"] == sum(p.numel() for p in encoder.source.parameters() if not p.requires_grad)
     assert counts["trainable"] == sum(p.numel() for p in cli.model.parameters() if p.requires_grad)
     assert result["artifact_provenance"]["method"] == "any2point"
-    assert result["protocol"].startswith("any2point (frozen source transformer")
+    assert result["protocol"].startswith("any2point (frozen source;")
     assert result["artifact_provenance"]["source"]["sha256"] == encoder.spec.source_sha256
     assert 0.0 <= result["metrics"]["test/acc"] <= 1.0
 
