@@ -96,6 +96,11 @@ def test_two_step_training_exports_an_artifact_that_probe_fewshot_and_embed_use(
     assert finetune_main([*args, "--folds", "2", "--json"]) == 0
     fewshot = json.loads(capsys.readouterr().out)
     assert len(fewshot["fold_accuracies"]) == 2
+    # the finetune protocol trains the adapted parts on each support set, the source stays frozen
+    assert finetune_main([*args, "--folds", "2", "--protocol", "finetune", "--epochs", "1", "--json"]) == 0
+    tuned = json.loads(capsys.readouterr().out)
+    assert tuned["protocol"] == "finetune"
+    assert len(tuned["fold_accuracies"]) == 2
     clouds = tmp_path / "clouds.npy"
     np.save(clouds, np.random.default_rng(0).uniform(-1, 1, (3, 64, 3)).astype(np.float32))
     out = tmp_path / "features.npz"
