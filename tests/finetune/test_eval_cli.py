@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from datapipes.errors import run_cli
-from datapipes.shards import ShardSetWriter
 from finetune.episodes import canonical_sha256
 from finetune.fewshot_cli import add_fewshot_parser
 from finetune.probe_cli import add_probe_parser
@@ -16,40 +15,18 @@ from finetune.probes import knn_probe, svm_probe
 from pretrain.checkpoint import save_encoder
 from pretrain.encoders import DataContract, PointViTSpec, build_encoder
 from pretrain.features import extract_features
+from tests.finetune.shape_shards import SHAPES, write_shape_shards
 
 STORED_POINTS = 96
 CONTRACT_POINTS = 64
-CLASSES = ["sphere", "disc", "line", "cube"]
-
-
-def cloud(label: int, rng: np.random.Generator) -> np.ndarray:
-    p = rng.normal(size=(STORED_POINTS, 3))
-    if label == 0:
-        p /= np.linalg.norm(p, axis=1, keepdims=True)
-    elif label == 1:
-        p[:, 2] *= 0.01
-    elif label == 2:
-        p = np.outer(rng.uniform(-1, 1, STORED_POINTS), [1.0, 0.2, 0.0]) + 0.01 * p
-    else:
-        p = rng.uniform(-1, 1, size=(STORED_POINTS, 3))
-    p -= p.mean(axis=0)
-    return (p / np.linalg.norm(p, axis=1).max()).astype(np.float32)
+CLASSES = SHAPES
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalcli")
     rng = np.random.default_rng(0)
-    shards = root / "shards"
-    writer = ShardSetWriter(shards, options={"format": "test", "normalization": "unit_sphere"})
-    for split, per_class in (("train", 8), ("test", 5)):
-        samples = [
-            {"key": f"{split}_{c}_{i:02d}", "xyz": cloud(c, rng), "label": c}
-            for c in range(len(CLASSES))
-            for i in range(per_class)
-        ]
-        writer.write_shard(split, 0, samples, [])  # type: ignore[arg-type]
-    writer.finalize(num_shards={"train": 1, "test": 1}, classes=CLASSES, fps_ordered=True)
+    shards = write_shape_shards(root / "shards", len(CLASSES), {"train": 8, "test": 5}, STORED_POINTS, rng)
 
     torch.manual_seed(0)
     encoder = build_encoder(PointViTSpec.named("tiny"))

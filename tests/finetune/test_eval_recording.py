@@ -14,44 +14,22 @@ import numpy as np
 import pytest
 import torch
 
-from datapipes.shards import ShardSetWriter
 from finetune.cli import main as finetune_main
 from pretrain import artifact_files
 from pretrain.artifacts import load_encoder, read_artifact_meta, save_module_artifact
 from pretrain.encoders import DataContract, PointViTSpec, build_encoder
 from pretrain.model_card import CARD_FILE, render_model_card
 from pretrain.provenance import git_sha
+from tests.finetune.shape_shards import write_shape_shards
 
 POINTS = 64
-CLASSES = ["sphere", "disc", "line"]
-
-
-def _cloud(label: int, rng: np.random.Generator) -> np.ndarray:
-    p = rng.normal(size=(POINTS, 3))
-    if label == 0:
-        p /= np.linalg.norm(p, axis=1, keepdims=True)
-    elif label == 1:
-        p[:, 2] *= 0.01
-    else:
-        p = np.outer(rng.uniform(-1, 1, POINTS), [1.0, 0.2, 0.0]) + 0.01 * p
-    p -= p.mean(axis=0)
-    return (p / np.linalg.norm(p, axis=1).max()).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("record")
     rng = np.random.default_rng(0)
-    shards = root / "shards"
-    writer = ShardSetWriter(shards, options={"format": "test", "normalization": "unit_sphere"})
-    for split, per_class in (("train", 6), ("test", 4)):
-        samples = [
-            {"key": f"{split}_{c}_{i:02d}", "xyz": _cloud(c, rng), "label": c}
-            for c in range(len(CLASSES))
-            for i in range(per_class)
-        ]
-        writer.write_shard(split, 0, samples, [])  # type: ignore[arg-type]
-    writer.finalize(num_shards={"train": 1, "test": 1}, classes=CLASSES, fps_ordered=True)
+    shards = write_shape_shards(root / "shards", 3, {"train": 6, "test": 4}, POINTS, rng)
     torch.manual_seed(0)
     encoder = build_encoder(PointViTSpec.named("tiny", num_groups=8, group_size=8))
     contract = DataContract(num_points=POINTS, normalization="unit_sphere", fps_order=True)
