@@ -7,6 +7,10 @@ Storing clouds in this order makes the first ``n`` points an FPS subsample of si
 kernel there is no near-origin skip, and chosen points are never chosen again (clouds with duplicate points
 still yield a permutation).
 
+FPS runs on the compiled kernels of :mod:`datapipes.fps_numba` when numba is installed (one thread, same
+indices), else as a vectorised numpy loop; ``PCPT_DISABLE_NUMBA=1`` forces the numpy loop. Clouds with NaN
+or infinite coordinates always take the numpy loop.
+
 This is the data layer's one home for numpy point geometry: converters, the in-memory datasets, the demo
 data and the transforms all use these functions (the model packages have their own torch versions).
 """
@@ -16,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+from datapipes import fps_numba
 
 __all__ = ["FPS_BATCH_POINTS", "fps_order", "fps_order_batch", "fps_orders", "normalize_unit_sphere"]
 
@@ -92,6 +98,9 @@ def fps_order_batch(xyz: np.ndarray, n: int | None = None, start: int = 0) -> np
         raise ValueError(f"n must be in [1, {count}], got {n}")
     if not 0 <= start < count:
         raise ValueError(f"start must be in [0, {count}), got {start}")
+    if fps_numba.numba_enabled() and bool(np.isfinite(pts).all()):
+        first = np.full(batch, start, dtype=np.int64)
+        return fps_numba.fps_indices(pts, n, first, exclude_chosen=True)
     if batch > _CHUNK:  # bounded working set: faster than one huge batch
         return np.concatenate([_fps(pts[i : i + _CHUNK], n, start) for i in range(0, batch, _CHUNK)])
     return _fps(pts, n, start)
@@ -101,6 +110,7 @@ _CHUNK = 32
 
 
 def _fps(pts: np.ndarray, n: int, start: int) -> np.ndarray:
+    """The numpy loop: (B, N, 3) float32 -> (B, n) int64, all clouds advancing together."""
     batch, count = pts.shape[:2]
     cols = [np.ascontiguousarray(pts[:, :, k]) for k in range(3)]  # (B, N) each: contiguous, fast ufuncs
     rows = np.arange(batch)

@@ -38,13 +38,22 @@ contract those into fused multiply-adds, which can change the last bit of a dist
 written (uncontracted) order, so the parity holds exactly whenever no two candidates are within one rounding
 error of each other at a step, i.e. always for exact ties and for generic data.
 
-Performance: all clouds advance together; the loop body is about a dozen torch ops on preallocated,
-contiguous buffers (coordinates as ``(C, B, N)`` planes); nothing synchronises with the host; and the
-``argmax`` is a two-level search (block maxima, then one block) because torch's CPU ``argmax`` is a scalar
-loop about 20x slower than ``amax``. The parity tie-break costs nothing per step: the points are permuted
-once so that the kernel's winner is the first maximum. ``benchmarks/bench_fps.py`` compares against open3d
-and a naive loop. Each large op is one OpenMP parallel region, so on an oversubscribed CPU (more busy
-threads than cores) use ``torch.set_num_threads(1)``; DataLoader workers already do.
+Backends (same indices from both; :func:`fps_backend` says which one a call uses):
+
+* ``"numba"``, for CPU tensors when numba is installed: the compiled kernels of
+  :mod:`datapipes.fps_numba`, one cloud per thread with ``torch.get_num_threads()`` threads sharing the
+  clouds of a batch, and no synchronisation inside a cloud's loop, so it stays fast on a busy machine. The
+  first call of each dtype in a fresh install compiles the kernels (a few seconds) and caches them on disk.
+  Clouds with NaN or infinite coordinates go to the torch backend.
+* ``"torch"``, for every other device, for traced/compiled graphs, without numba, or with the environment
+  variable ``PCPT_DISABLE_NUMBA=1``: all clouds advance together; the loop body is a handful of torch ops on
+  preallocated, contiguous buffers (coordinates as ``(C, B, N)`` planes) and nothing synchronises with the
+  host. On CPU the ``argmax`` is a two-level search (block maxima, then one block) because torch's CPU
+  ``argmax`` is a scalar loop about 20x slower than ``amax``; elsewhere it is one ``argmax``. Each large op is
+  one OpenMP parallel region, so on an oversubscribed CPU use ``torch.set_num_threads(1)``.
+
+The parity tie-break costs nothing per step in either backend: the points are permuted once so that the
+kernel's winner is the first maximum. ``benchmarks/bench_fps.py`` compares both backends with open3d.
 """
 
 from __future__ import annotations
@@ -52,14 +61,18 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from datapipes import fps_numba
 
 __all__ = [
     "POINTNET2_INIT_SQDIST",
     "POINTNET2_MAX_THREADS",
     "POINTNET2_NEAR_ORIGIN_SQNORM",
     "farthest_point_sample",
+    "fps_backend",
     "pointnet2_priority_order",
     "pointnet2_thread_count",
 ]
@@ -111,6 +124,8 @@ def farthest_point_sample(
     if not 1 <= num_samples <= num_points:
         raise ValueError(f"num_samples must be in [1, N={num_points}], got {num_samples}")
     first = _start_indices(start, batch, num_points, generator=generator, device=xyz.device)
+    if fps_backend(xyz) == "numba":
+        return _fps_numba(xyz.detach(), num_samples, first, skip_near_origin=skip_near_origin)
     with torch.inference_mode():
         if skip_near_origin:
             idx = _fps_pointnet2(xyz, num_samples, first)
@@ -119,6 +134,22 @@ def farthest_point_sample(
             idx = _fps_loop(xyz.to(dtype), num_samples, first, excluded=None, init_sqdist=math.inf)
     # A clone made outside inference mode is an ordinary tensor that autograd may save (e.g. for gather).
     return idx.clone()
+
+
+def fps_backend(xyz: Tensor) -> Literal["numba", "torch"]:
+    """The backend :func:`farthest_point_sample` uses for ``xyz`` (both give the same indices).
+
+    ``"numba"`` for finite CPU tensors outside tracing / ``torch.compile`` when numba is installed and
+    ``PCPT_DISABLE_NUMBA`` is unset (or ``"0"``); ``"torch"`` otherwise.
+
+    Shapes:
+        xyz: (B, N, C).
+    """
+    if xyz.device.type != "cpu" or not fps_numba.numba_enabled():
+        return "torch"
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return "torch"
+    return "numba" if bool(torch.isfinite(xyz).all()) else "torch"
 
 
 def pointnet2_thread_count(num_points: int) -> int:
@@ -194,20 +225,54 @@ def _start_indices(
     return torch.full((batch,), start, dtype=torch.long, device=device)
 
 
-def _fps_pointnet2(xyz: Tensor, num_samples: int, first: Tensor) -> Tensor:
-    """Parity mode: permute to the kernel's tie priority, skip near-origin points, start at 1e10."""
+def _pointnet2_layout(xyz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The parity mode's float32 points in the kernel's tie priority, and which of them are skipped.
+
+    Returns:
+        ``order`` (N,) long (permuted position -> point index), ``permuted`` (B, N, 3) float32,
+        ``excluded`` (B, N) bool: near-origin candidates, in permuted positions.
+    """
     points = xyz.to(torch.float32)
     order = pointnet2_priority_order(points.shape[1], device=points.device)
-    position = torch.empty_like(order)
-    position[order] = torch.arange(order.numel(), device=order.device)
     permuted = points[:, order]
     x, y, z = permuted.unbind(dim=-1)
     sqnorm = (x * x + y * y) + z * z  # float32, like the kernel's `mag`
     excluded = sqnorm.to(torch.float64) <= POINTNET2_NEAR_ORIGIN_SQNORM  # `mag <= 1e-3` compares as double
+    return order, permuted, excluded
+
+
+def _inverse(order: Tensor) -> Tensor:
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    return position
+
+
+def _fps_pointnet2(xyz: Tensor, num_samples: int, first: Tensor) -> Tensor:
+    """Parity mode: permute to the kernel's tie priority, skip near-origin points, start at 1e10."""
+    order, permuted, excluded = _pointnet2_layout(xyz)
     chosen = _fps_loop(
-        permuted, num_samples, position[first], excluded=excluded, init_sqdist=POINTNET2_INIT_SQDIST
+        permuted, num_samples, _inverse(order)[first], excluded=excluded, init_sqdist=POINTNET2_INIT_SQDIST
     )
     return order[chosen]
+
+
+def _fps_numba(xyz: Tensor, num_samples: int, first: Tensor, *, skip_near_origin: bool) -> Tensor:
+    """Both modes on the numba kernels (CPU); the parity mode permutes and skips exactly as the torch loop."""
+    threads = torch.get_num_threads()
+    if not skip_near_origin:
+        dtype = torch.float64 if xyz.dtype == torch.float64 else torch.float32
+        idx = fps_numba.fps_indices(xyz.to(dtype).numpy(), num_samples, first.numpy(), threads=threads)
+        return torch.from_numpy(idx)
+    order, permuted, excluded = _pointnet2_layout(xyz)
+    chosen = fps_numba.fps_indices(
+        permuted.numpy(),
+        num_samples,
+        _inverse(order)[first].numpy(),
+        init_sqdist=float(np.float32(POINTNET2_INIT_SQDIST)),  # the torch loop's float32 buffer holds this
+        excluded=excluded.numpy(),
+        threads=threads,
+    )
+    return order[torch.from_numpy(chosen)]
 
 
 def _block_size(num_points: int) -> int:
@@ -222,6 +287,7 @@ def _fps_loop(
     *,
     excluded: Tensor | None,
     init_sqdist: float,
+    two_level_argmax: bool | None = None,
 ) -> Tensor:
     """Batched FPS core: running minimum squared distance, first maximum wins.
 
@@ -231,37 +297,33 @@ def _fps_loop(
         first: (B,) long start positions.
         excluded: (B, N) bool, candidates that are never chosen and never updated, or None.
         init_sqdist: Initial running distance of every candidate.
+        two_level_argmax: find the first maximum through block maxima (fast on CPU; 11 ops a step for
+            C = 3) rather than with one ``argmax`` (7 ops a step, best where each op is a kernel launch, e.g.
+            CUDA); None picks the former on CPU only. Both give the same indices.
 
     Returns:
         (B, S) long positions into N.
     """
     batch, num_points, channels = points.shape
     device = points.device
-    block = _block_size(num_points)
+    if two_level_argmax is None:
+        two_level_argmax = device.type == "cpu"
+    block = _block_size(num_points) if two_level_argmax else 1
     num_blocks = -(-num_points // block)
     padded = num_blocks * block
 
     # (C, B, N) planes: every op below runs over contiguous memory; padding is never chosen.
     planes = points.new_zeros(channels, batch, padded)
     planes[:, :, :num_points] = points.permute(2, 0, 1)
-    rows = points.new_zeros(batch, padded, channels)
-    rows[:, :num_points] = points
-    rows = rows.view(batch * padded, channels)
     min_sqdist = points.new_full((batch, padded), init_sqdist)
     min_sqdist[:, num_points:] = -math.inf
     if excluded is not None:
         min_sqdist[:, :num_points].masked_fill_(excluded, -math.inf)  # minimum(-inf, d) stays -inf
-    blocks = min_sqdist.view(batch * num_blocks, block)
-    block_view = min_sqdist.view(batch, num_blocks, block)
     diff = torch.empty_like(planes)
     sqdist = points.new_empty(batch, padded)
-    row_start = torch.arange(batch, device=device) * padded
-    block_start = torch.arange(batch, device=device) * num_blocks
 
-    current = first + row_start  # flat positions into (B * padded)
-    chosen = [current]
-    for _ in range(num_samples - 1):
-        center = rows.index_select(0, current).t().unsqueeze(2)  # (C, B, 1)
+    def update(center: Tensor) -> None:
+        """``min_sqdist = minimum(min_sqdist, ((d0*d0 + d1*d1) + d2*d2) + ...)``, d = planes - center."""
         torch.sub(planes, center, out=diff)
         diff.mul_(diff)
         if channels == 1:
@@ -271,6 +333,28 @@ def _fps_loop(
             for channel in range(2, channels):
                 sqdist.add_(diff[channel])
         torch.minimum(min_sqdist, sqdist, out=min_sqdist)
+
+    if not two_level_argmax:
+        current = first
+        chosen = [current]
+        for _ in range(num_samples - 1):
+            update(planes.gather(2, current.view(1, batch, 1).expand(channels, batch, 1)))  # center (C, B, 1)
+            current = min_sqdist.argmax(dim=1)  # documented: the first maximal index
+            chosen.append(current)
+        return torch.stack(chosen, dim=1)
+
+    rows = points.new_zeros(batch, padded, channels)
+    rows[:, :num_points] = points
+    rows = rows.view(batch * padded, channels)
+    blocks = min_sqdist.view(batch * num_blocks, block)
+    block_view = min_sqdist.view(batch, num_blocks, block)
+    row_start = torch.arange(batch, device=device) * padded
+    block_start = torch.arange(batch, device=device) * num_blocks
+
+    current = first + row_start  # flat positions into (B * padded)
+    chosen = [current]
+    for _ in range(num_samples - 1):
+        update(rows.index_select(0, current).t().unsqueeze(2))  # center (C, B, 1)
         # First maximum: the first block holding the maximum, then the first maximum inside it.
         best_block = block_view.amax(dim=2).argmax(dim=1).add_(block_start)
         offset = blocks.index_select(0, best_block).argmax(dim=1)
