@@ -6,6 +6,7 @@ Subcommands:
 - ``probe ART --data OUT``: SVM or kNN probe on frozen features (:mod:`finetune.probe_cli`).
 - ``fewshot ART --data OUT --way W --shot S``: few-shot episodes, mean ± std (:mod:`finetune.fewshot_cli`).
 - ``embed ART --input CLOUDS.npy --out FEATURES.npz``: per-cloud features (:mod:`finetune.embed_cli`).
+- ``visualize reconstruction|embedding|curves|results``: PNG figures (:mod:`finetune.visualize_cli`).
 
 Subcommands that hand their arguments to another parser (LightningCLI ``fit``) go in :data:`PASSTHROUGH`;
 argparse-based ones add a subparser (whose ``handler`` default runs them) in :func:`build_parser`.
@@ -20,6 +21,7 @@ from datapipes.cli_common import CliParser, Passthrough, run_subcommands
 from finetune.embed_cli import add_embed_parser
 from finetune.fewshot_cli import add_fewshot_parser
 from finetune.probe_cli import add_probe_parser
+from finetune.visualize_cli import add_visualize_parser
 
 __all__ = ["PASSTHROUGH", "PROG", "build_parser", "main"]
 
@@ -52,6 +54,7 @@ def build_parser() -> CliParser:
     add_probe_parser(sub)
     add_fewshot_parser(sub)
     add_embed_parser(sub)
+    add_visualize_parser(sub)
     return parser
 
 
