@@ -38,6 +38,7 @@ _SYNTH_OPTIONS = (
 _OPTIONAL_PARSERS = (
     ("datapipes.converters.cli", "add_convert_parser", "convert"),
     ("datapipes.dedup", "add_dedup_parser", "dedup"),
+    ("datapipes.export_hf", "add_export_hf_parser", "export-hf"),
 )
 
 

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
+from PIL import Image as PILImage
 
+from datapipes.shards import read_manifest
 from tests.datapipes._convert_helpers import (
     convert_cli,
     read_split,
@@ -123,3 +126,69 @@ def test_hf_errors(disk_dataset, tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "--split-map names splits ['training']" in capsys.readouterr().err
     assert convert_cli("hf", tmp_path / "missing-dir", tmp_path / "c") == 2
     assert "not a save_to_disk folder" in capsys.readouterr().err
+
+
+def _image(fmt: str, size: tuple[int, int] = (8, 6), value: int = 90) -> bytes:
+    buf = io.BytesIO()
+    PILImage.new("RGB", size, (value, 20, 200)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_hf_keys_images_feat_meta_columns(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    features = datasets.Features(
+        {
+            "__key__": datasets.Value("string"),
+            "xyz": datasets.Sequence(datasets.Sequence(datasets.Value("float32"), length=3)),
+            "feat": datasets.Sequence(datasets.Sequence(datasets.Value("float32"))),
+            "image": datasets.Image(),
+            "meta": {"site": datasets.Value("string"), "frame": datasets.Value("int32")},
+        }
+    )
+    png, bmp = _image("PNG"), _image("BMP", value=7)
+    rows = {
+        "train": (["a-1", "shared", "has.dot", "bad-image"], [png, bmp, png, b"not an image"]),
+        "test": (["shared"], [png]),
+    }
+    clouds = {s: [rng.normal(size=(20, 3)).astype(np.float32) for _ in keys] for s, (keys, _) in rows.items()}
+    feats = {s: [rng.random((20, 2)).astype(np.float32) for _ in keys] for s, (keys, _) in rows.items()}
+    table = {
+        split: datasets.Dataset.from_dict(
+            {
+                "__key__": keys,
+                "xyz": [c.tolist() for c in clouds[split]],
+                "feat": [f.tolist() for f in feats[split]],
+                "image": [{"bytes": im, "path": None} for im in images],
+                "meta": [{"site": f"{split}{i}", "frame": i} for i in range(len(keys))],
+            },
+            features=features,
+        )
+        for split, (keys, images) in rows.items()
+    }
+    src = tmp_path / "hfdisk"
+    datasets.DatasetDict(table).save_to_disk(str(src))
+    out = tmp_path / "out"
+    assert convert_cli("hf", src, out, "--no-normalize", "--no-fps") == 0
+    train, test = read_split(out, "train"), read_split(out, "test")
+    # a key found in two splits is prefixed with its split; an unsafe key is made safe
+    assert set(train) == {"a-1", "train_shared", "has_dot"}
+    assert set(test) == {"test_shared"}
+    reasons = rejected_by_source(out)
+    assert list(reasons) == ["train#3"]
+    assert reasons["train#3"].startswith("'image' view 0: undecodable image")
+    for key, i in (("a-1", 0), ("train_shared", 1), ("has_dot", 2)):
+        np.testing.assert_array_equal(train[key]["xyz"], clouds["train"][i])
+        np.testing.assert_array_equal(train[key]["feat"], feats["train"][i])
+        assert train[key]["meta"]["site"] == f"train{i}"
+        assert train[key]["meta"]["frame"] == i
+    assert train["a-1"]["images"] == [png]  # PNG bytes kept as they are
+    (converted,) = train["train_shared"]["images"]  # BMP re-encoded as PNG, same pixels
+    assert converted[:8] == b"\x89PNG\r\n\x1a\n"
+    np.testing.assert_array_equal(
+        np.asarray(PILImage.open(io.BytesIO(converted))), np.asarray(PILImage.open(io.BytesIO(bmp)))
+    )
+    manifest = read_manifest(out)
+    assert manifest["images"]["views"] == 1
+    assert manifest["images"]["size"] == [6, 8]
+    assert manifest["fields"]["feat"]["shape"] == ["N", 2]
+    assert "channels" not in manifest["fields"]["feat"]
