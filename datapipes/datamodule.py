@@ -10,6 +10,10 @@ continues with the data it would have seen.
 Damaged data stops training with an error naming the shard: every reader checks each shard's sample count
 against the manifest, that the tar is complete and that point arrays are finite. ``verify=True`` also hashes
 every shard against the manifest's sha256 before training starts.
+
+``data_root`` may be a URL (``https://host/data/demo``, ``s3://bucket/demo``; see
+:mod:`datapipes.shards.remote`): every shard is then downloaded when it is read and used only if its sha256
+equals the manifest's, so remote data is always hash-checked, with or without ``verify``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from functools import cached_property, partial
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -28,10 +31,15 @@ from torch.utils.data.distributed import DistributedSampler
 from datapipes.collate import collate
 from datapipes.epochs import Capped, EpochLoader
 from datapipes.errors import UserError
-from datapipes.files import sha256_file
 from datapipes.memory import InMemoryPointDataset
 from datapipes.pipeline import make_train_loader
-from datapipes.shards import MANIFEST_NAME, check_shard_hashes, read_manifest, shard_paths
+from datapipes.shards import (
+    MANIFEST_NAME,
+    check_shard_hashes,
+    manifest_sha256,
+    read_manifest,
+    shard_locations,
+)
 from datapipes.streams import resolve_rank
 from datapipes.transforms import Compose, NormalizeUnitSphere, TakePoints, Transform, build_augment
 from datapipes.types import BatchFields, PointBatch
@@ -45,7 +53,8 @@ class PointCloudDataModule(pl.LightningDataModule):
     """Batches of :class:`~datapipes.types.PointBatch` from a pcpt shard folder.
 
     Args:
-        data_root: shard folder (``manifest.json`` inside), e.g. written by ``pcpt-data synth``.
+        data_root: shard folder (``manifest.json`` inside), e.g. written by ``pcpt-data synth``: a local
+            path or a URL (``https://...``, ``s3://...``).
         train_split: split used for training.
         val_split: split used for validation (``None``: no validation).
         num_points: points per cloud in every batch; at most the smallest stored cloud (``points.min`` in the
@@ -142,7 +151,7 @@ class PointCloudDataModule(pl.LightningDataModule):
     @property
     def manifest_sha256(self) -> str:
         """sha256 of ``manifest.json`` (identifies the exact data)."""
-        return sha256_file(Path(self.data_root) / MANIFEST_NAME)
+        return manifest_sha256(self.data_root)
 
     @property
     def data_contract(self) -> dict[str, Any]:
@@ -261,7 +270,7 @@ class PointCloudDataModule(pl.LightningDataModule):
         rank, world_size = self._rank()
         if self.streaming:
             return make_train_loader(
-                [str(p) for p in shard_paths(self.data_root, self.train_split, self.manifest)],
+                shard_locations(self.data_root, self.train_split, self.manifest),
                 transform=self.train_transform(),
                 batch_size=self.batch_size,
                 batches_per_epoch=self.default_batches_per_epoch(),

@@ -1,4 +1,8 @@
-"""Summary and full verification of a shard folder (``pcpt-data inspect``)."""
+"""Summary and full verification of a shard folder (``pcpt-data inspect``), local or given by URL.
+
+A URL (``https://host/data/demo``, ``s3://bucket/demo``; see :mod:`datapipes.shards.remote`) gives the same
+report as the local folder: every shard is downloaded once into a temporary folder, hashed and decoded.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ class InspectReport:
     """What ``pcpt-data inspect`` found.
 
     Attributes:
-        root: the shard folder.
+        root: the shard folder (a path or a URL).
         summary: see :func:`summarize`.
         problems: one line per problem found by verification (empty when all is good).
         verified: whether every shard was hashed and decoded.
@@ -79,8 +83,13 @@ def inspect_shards(
 ) -> InspectReport:
     """Reads the manifest and (unless ``verify=False``) hashes and decodes every shard against it.
 
+    Args:
+        root: the shard folder: a local path or a URL.
+        verify: hash and decode every shard.
+        on_shard: called with each shard name after it is checked (progress reporting).
+
     Raises:
-        UserError: if the folder or its manifest is missing or invalid.
+        UserError: if the folder or its manifest is missing, unreachable or invalid.
     """
     manifest = read_manifest(root)
     report = InspectReport(root=str(root), summary=summarize(manifest))

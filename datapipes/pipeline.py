@@ -19,6 +19,10 @@ the epoch, which :class:`~datapipes.epochs.EpochLoader` sets before every pass (
 attached), so a run resumed at an epoch boundary draws the same data as an uninterrupted one. The epoch
 reaches workers through shared memory, so workers can stay alive between epochs.
 
+Shards may be local paths or URLs (``https://...``, ``s3://...``; see :mod:`datapipes.shards.remote`): a
+remote shard is downloaded once per pass and read only when its sha256 equals the one its folder's manifest
+lists, so a changed shard stops training with an error naming its URL before any of its samples is used.
+
 What batches hold is one :class:`~datapipes.types.BatchFields` (normals, feature channels, image views,
 point views, ragged clouds); the stages live in :mod:`datapipes.streams` (random streams),
 :mod:`datapipes.decode` (reading, decoding) and :mod:`datapipes.collate` (batching).
@@ -26,6 +30,7 @@ point views, ragged clouds); the stages live in :mod:`datapipes.streams` (random
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -36,6 +41,9 @@ import webdataset as wds
 from datapipes.collate import collate, collate_for_transfer, finish_batch
 from datapipes.decode import FeatureLayout, SampleDecoder, ShardReader, folder_fields
 from datapipes.epochs import EpochLoader
+from datapipes.errors import FieldError
+from datapipes.shards import MANIFEST_NAME, read_manifest
+from datapipes.shards.remote import is_url, parent
 from datapipes.streams import (
     EpochResampledShards,
     StreamState,
@@ -83,10 +91,32 @@ def _decoding(
     fields = BatchFields.coerce(fields)
     layout = FeatureLayout()
     if fields.point_features:
-        where = ", ".join(sorted({str(Path(u).parent) for u in urls}))
-        layout = FeatureLayout.resolve(fields.point_features, folder_fields(urls), where=where)
+        where = ", ".join(sorted({parent(u) for u in urls}))
+        layout = FeatureLayout.resolve(fields.point_features, _shard_fields(urls), where=where)
     decoder = SampleDecoder(transform or Compose(), state, fields=fields, layout=layout, training=training)
     return ShardReader(decoder.wants), decoder, partial(collate_for_transfer, ragged=fields.ragged)
+
+
+def _shard_fields(urls: Sequence[str]) -> dict[str, Any] | None:
+    """The manifest ``fields`` shared by the folders of ``urls`` (paths or URLs); see ``folder_fields``.
+
+    Raises:
+        FieldError: if the folders' manifests describe different fields.
+        UserError: if a remote folder has no readable manifest.
+    """
+    if not any(is_url(u) for u in urls):
+        return folder_fields(urls)
+    found: dict[str, dict[str, Any]] = {}
+    for folder in dict.fromkeys(parent(u) for u in urls):
+        if is_url(folder) or os.path.isfile(os.path.join(folder, MANIFEST_NAME)):
+            found[folder] = dict(read_manifest(folder).get("fields") or {})
+    if not found:
+        return None
+    (first, fields), *others = found.items()
+    for folder, other in others:
+        if other != fields:
+            raise FieldError(f"{folder} and {first} hold different fields ({other} and {fields})")
+    return fields
 
 
 def make_train_pipeline(
@@ -105,7 +135,7 @@ def make_train_pipeline(
     """The infinite, resampled, batched training stream of one rank (see the module docstring).
 
     Args:
-        urls: shard paths.
+        urls: shard paths or URLs.
         transform: per-sample transform (must produce a fixed point count, e.g. ends with ``TakePoints``,
             unless ``fields.ragged``).
         batch_size: samples per batch; incomplete batches are never produced.
@@ -163,7 +193,7 @@ def make_train_loader(
     """A training loader yielding exactly ``batches_per_epoch`` :class:`PointBatch` es per pass on this rank.
 
     Args:
-        urls: shard paths.
+        urls: shard paths or URLs.
         transform: per-sample transform ending in a fixed point count (unless ``fields.ragged``).
         batch_size: per-rank batch size.
         batches_per_epoch: batches per pass (per rank, whatever ``num_workers``).

@@ -6,7 +6,9 @@ can take the first ``num_points`` (= FPS to ``num_points``). Map-style datasets,
 sampler splits them evenly across ranks.
 
 Loading checks every shard against the manifest (sample count, complete tar, finite point arrays) and stops
-with an error naming the shard; ``verify=True`` also hashes every shard before loading.
+with an error naming the shard; ``verify=True`` also hashes every shard before loading. ``data_root`` may be a
+URL (``https://...``, ``s3://...``): every remote shard is downloaded once and used only if its sha256 equals
+the manifest's (see :mod:`datapipes.shards.remote`).
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ class ClassificationDataModule(_SplitsDataModule):
     """Train / held-out val / test classification sets from a shard root.
 
     Args:
-        data_root: shard folder written by ``pcpt-data`` (``manifest.json`` inside).
+        data_root: shard folder written by ``pcpt-data`` (``manifest.json`` inside): a local path or a URL.
         num_points: points fed to the model at evaluation; at most the smallest stored cloud.
         pool_points: points loaded per cloud (training samples ``num_points`` of them); an upper bound,
             capped at the smallest stored cloud.

@@ -23,6 +23,7 @@ import numpy as np
 
 from datapipes.cli_common import positive_int, print_json, resolve_device
 from datapipes.errors import UserError
+from datapipes.shards.remote import as_location
 
 __all__ = [
     "PROG",
@@ -62,7 +63,11 @@ def add_eval_parser(
     p: argparse.ArgumentParser = subparsers.add_parser(name, help=help, description=description)
     p.add_argument("artifact", metavar="ART", type=Path, help="encoder artifact directory")
     p.add_argument(
-        "--data", required=True, type=Path, metavar="OUT", help="shard directory (with manifest.json)"
+        "--data",
+        required=True,
+        type=as_location,
+        metavar="OUT",
+        help="shard directory (with manifest.json): a local path or a URL (https://..., s3://...)",
     )
     p.add_argument(
         "--verify",
@@ -124,7 +129,7 @@ def load_setup(args: argparse.Namespace) -> EvalSetup:
     Raises:
         UserError: missing artifact or manifest, a data-contract mismatch, or too few points per cloud.
     """
-    from datapipes.shards import read_manifest, sha256_file
+    from datapipes.shards import is_url, manifest_sha256, read_manifest
     from finetune.contract import check_data_contract
     from finetune.data import manifest_normalization
     from pretrain.checkpoint import WeightsMismatchError, load_encoder
@@ -136,11 +141,10 @@ def load_setup(args: argparse.Namespace) -> EvalSetup:
         encoder, meta = load_encoder(artifact)
     except WeightsMismatchError as err:
         raise UserError(str(err)) from err
-    data = Path(args.data)
-    manifest_path = data / "manifest.json"
-    if not manifest_path.is_file():
+    data: str | Path = args.data
+    if not is_url(data) and not (Path(data) / "manifest.json").is_file():
         raise UserError(f"{data}: no manifest.json; not a pcpt shard directory (see pcpt-data convert/synth)")
-    manifest = read_manifest(data)
+    manifest = read_manifest(data)  # a URL's is fetched (unreachable or missing: a one-line error)
     contract = meta.get("data_contract") or {}
     requested = args.num_points
     num_points = int(requested if requested is not None else contract.get("num_points", 1024))
@@ -164,7 +168,7 @@ def load_setup(args: argparse.Namespace) -> EvalSetup:
             "not an FPS subsample"
         )
     return EvalSetup(
-        encoder, meta, manifest, sha256_file(manifest_path), num_points, resolve_device(args.device), warnings
+        encoder, meta, manifest, manifest_sha256(data), num_points, resolve_device(args.device), warnings
     )
 
 

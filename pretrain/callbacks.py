@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from datapipes.shards.remote import as_location
 from pretrain.encoders import PointEncoder
 from pretrain.features import extract_features
 from pretrain.knn import KNNClassifier
@@ -75,7 +76,7 @@ class KNNMonitor(pl.Callback):
             raise ValueError(f"num_points must be a positive int or None, got {num_points!r}")
         #: the classifier of the test features (validates ``k`` and ``backend``).
         self.classifier = KNNClassifier(k=k, backend=backend)
-        self.data_root = None if data_root is None else Path(data_root)
+        self.data_root = None if data_root is None else as_location(data_root)
         self.train_split, self.test_split = train_split, test_split
         self.num_points = num_points
         self.every_n_epochs, self.batch_size = every_n_epochs, batch_size

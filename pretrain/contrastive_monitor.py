@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from datapipes.geometry import fps_orders
-from datapipes.shards import iter_split_samples, read_manifest
+from datapipes.shards import as_location, iter_split_samples, read_manifest
 from datapipes.shards.codecs import decode_image
 from datapipes.splits import stratified_split
 from pretrain.encoders import PointEncoder
@@ -99,7 +99,7 @@ class ContrastiveMonitor(pl.Callback):
                 raise ValueError(f"{name} is too small: {value}")
         if not 0.0 < holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
-        self.data_root, self.split = (None if data_root is None else Path(data_root)), split
+        self.data_root, self.split = (None if data_root is None else as_location(data_root)), split
         self.holdout_fraction, self.max_samples, self.num_points = holdout_fraction, max_samples, num_points
         self.every_n_epochs, self.svm_c, self.retrieval = every_n_epochs, svm_c, retrieval
         self.batch_size, self.seed = batch_size, seed
@@ -108,7 +108,7 @@ class ContrastiveMonitor(pl.Callback):
         self.history: list[tuple[int, dict[str, float]]] = []
 
     # ------------------------------------------------------------------------------------------- data
-    def _load(self, num_points: int, data_root: Path) -> _HeldOut:
+    def _load(self, num_points: int, data_root: str | Path) -> _HeldOut:
         """(xyz (S, N, 3), labels (S,), images (S, C, H, W) or None, fit indices, held-out indices)."""
         if self._data is None:
             fields = ("xyz", "label", "images") if self.retrieval else ("xyz", "label")
@@ -167,7 +167,7 @@ class ContrastiveMonitor(pl.Callback):
             result["retrieval_top1"] = self._retrieval(module, xyz[held_idx], images[held_idx])
         return result
 
-    def _data_root(self, module: Any) -> Path:
+    def _data_root(self, module: Any) -> str | Path:
         if self.data_root is not None:
             return self.data_root
         trainer = getattr(module, "_trainer", None)
@@ -176,7 +176,7 @@ class ContrastiveMonitor(pl.Callback):
             raise ValueError(
                 "ContrastiveMonitor needs data_root when the trainer has no data module with one"
             )
-        return Path(root)
+        return as_location(root)
 
     def _retrieval(self, module: _ContrastiveModule, xyz: np.ndarray, images: np.ndarray) -> float:
         was_training = module.training  # type: ignore[attr-defined]

@@ -19,6 +19,8 @@ Modules, one job each:
 - :mod:`~datapipes.shards.tar_read`: the fast, strict streaming tar reader;
 - :mod:`~datapipes.shards.tar_write`: deterministic, atomic, hashed tar writes;
 - :mod:`~datapipes.shards.manifest`: ``manifest.json`` reading, checking and assembly;
+- :mod:`~datapipes.shards.remote`: shard folders given by URL (``https://``, ``s3://``; fsspec), each shard
+  downloaded once and read only if its sha256 equals the manifest's;
 - :mod:`~datapipes.shards.reader`: samples of a shard or split, checked against the manifest;
 - :mod:`~datapipes.shards.writer`: :class:`ShardSetWriter` (resume, lock, atomic writes);
 - :mod:`~datapipes.shards.verify`: :func:`verify_shards` and :func:`check_shard_hashes`.
@@ -38,8 +40,16 @@ from datapipes.shards.format import (
     shard_name,
     validate_key,
 )
-from datapipes.shards.manifest import manifest_members, manifest_shard_samples, read_manifest, shard_paths
+from datapipes.shards.manifest import (
+    manifest_members,
+    manifest_sha256,
+    manifest_shard_samples,
+    read_manifest,
+    shard_locations,
+    shard_paths,
+)
 from datapipes.shards.reader import iter_shard_members, iter_shard_samples, iter_split_samples
+from datapipes.shards.remote import as_location, is_url
 from datapipes.shards.samples import decode_members, encode_sample
 from datapipes.shards.tar_read import iter_tar_members
 from datapipes.shards.verify import check_shard_hashes, verify_shards
@@ -54,6 +64,7 @@ __all__ = [
     "REJECTED_NAME",
     "ShardFormatError",
     "ShardSetWriter",
+    "as_location",
     "check_shard_hashes",
     "decode_image",
     "decode_members",
@@ -64,14 +75,17 @@ __all__ = [
     "encode_sample",
     "field_of_member",
     "image_pixels",
+    "is_url",
     "iter_shard_members",
     "iter_shard_samples",
     "iter_split_samples",
     "iter_tar_members",
     "manifest_members",
+    "manifest_sha256",
     "manifest_shard_samples",
     "read_manifest",
     "sha256_file",
+    "shard_locations",
     "shard_name",
     "shard_paths",
     "validate_key",

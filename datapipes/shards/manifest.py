@@ -9,6 +9,7 @@ count); ``feat`` may name its channels (``"feat": {..., "shape": ["N", 2], "chan
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections import Counter
@@ -17,26 +18,44 @@ from pathlib import Path
 from typing import Any
 
 from datapipes.errors import UserError
+from datapipes.files import sha256_file
 from datapipes.shards.format import ARRAY_MEMBERS, FORMAT, MANIFEST_NAME, PROGRESS_DIR
+from datapipes.shards.remote import is_url, join, read_url_bytes
 
 __all__ = [
     "expected_members",
     "manifest_entries",
     "manifest_members",
+    "manifest_sha256",
     "manifest_shard_samples",
     "name_channels",
     "pcpt_manifest",
     "read_manifest",
+    "shard_locations",
     "shard_paths",
 ]
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
-    """Reads and checks ``root/manifest.json``.
+    """Reads and checks ``root/manifest.json`` (``root`` a local folder or a URL, see :func:`is_url`).
 
     Raises:
-        UserError: naming the file if the folder or manifest is missing, not JSON, or not ``pcpt-shards/1``.
+        UserError: naming the file if the folder or manifest is missing or unreachable, not JSON, or not
+            ``pcpt-shards/1``.
     """
+    if is_url(root):
+        url = join(root, MANIFEST_NAME)
+        try:
+            data = read_url_bytes(url, what="the shard folder's manifest")
+        except UserError as err:
+            if str(err).startswith(f"{url}: not found"):
+                raise UserError(f"{url}: not found, so {root} is not a finished pcpt shard folder") from err
+            raise
+        try:
+            manifest = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise UserError(f"{url}: unreadable or invalid JSON ({err})") from err
+        return _checked(manifest, url)
     root = Path(root)
     path = root / MANIFEST_NAME
     if not root.is_dir():
@@ -48,6 +67,11 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise UserError(f"{path}: unreadable or invalid JSON ({err})") from err
+    return _checked(manifest, path)
+
+
+def _checked(manifest: Any, path: str | Path) -> dict[str, Any]:
+    """``manifest`` if it is a valid ``pcpt-shards/1`` manifest; errors name ``path``."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise UserError(f"{path}: format {got!r} is not {FORMAT!r}")
@@ -63,6 +87,21 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     if not isinstance(counts, dict) or not all(_is_count(n) for n in counts.values()):
         raise UserError(f"{path}: 'shard_samples' must map shard names to integer sample counts")
     return manifest
+
+
+def manifest_sha256(root: str | Path) -> str:
+    """Hex sha256 of the bytes of ``root/manifest.json`` (identifies the exact data), local or remote.
+
+    Raises:
+        UserError: naming the file if it is missing or unreachable.
+    """
+    if is_url(root):
+        return hashlib.sha256(read_url_bytes(join(root, MANIFEST_NAME), what="manifest")).hexdigest()
+    path = Path(root) / MANIFEST_NAME
+    try:
+        return sha256_file(path)
+    except OSError as err:
+        raise UserError(f"{path}: unreadable ({err.strerror or err})") from err
 
 
 def _is_count(value: object) -> bool:
@@ -82,17 +121,28 @@ def pcpt_manifest(path: Path) -> dict[str, Any] | None:
 
 
 def shard_paths(root: str | Path, split: str, manifest: Mapping[str, Any] | None = None) -> list[Path]:
-    """Paths of the shards of ``split`` listed in the manifest of ``root``.
+    """Paths of the shards of ``split`` listed in the manifest of the local folder ``root``.
+
+    Raises:
+        UserError: if the manifest is missing/invalid or has no such split, or ``root`` is a URL (use
+            :func:`shard_locations`).
+    """
+    if is_url(root):
+        raise UserError(f"{root}: a URL; this command reads local shard folders only")
+    return [Path(p) for p in shard_locations(root, split, manifest)]
+
+
+def shard_locations(root: str | Path, split: str, manifest: Mapping[str, Any] | None = None) -> list[str]:
+    """Locations of the shards of ``split``: local paths or URLs (when ``root`` is a URL), as strings.
 
     Raises:
         UserError: if the manifest is missing/invalid or has no such split.
     """
-    root = Path(root)
     manifest = read_manifest(root) if manifest is None else manifest
     splits = manifest["splits"]
     if split not in splits:
         raise UserError(f"{root}: no split {split!r} in {MANIFEST_NAME} (has {sorted(splits)})")
-    return [root / name for name in splits[split]["shards"]]
+    return [join(root, name) for name in splits[split]["shards"]]
 
 
 def expected_members(fields: Mapping[str, Any]) -> set[str]:

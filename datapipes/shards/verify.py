@@ -1,11 +1,15 @@
 """Verifying a shard folder against its manifest: file hashes and a full check of every member.
 
+Both work on a local folder or a URL (see :mod:`~datapipes.shards.remote`): remote shards are streamed
+through the hash, or downloaded one at a time into a temporary folder for the full check.
+
 :func:`check_shard_hashes` compares each shard's sha256 with the manifest (what ``verify=True`` of the data
 modules runs); :func:`verify_shards` also decodes every member (what ``pcpt-data inspect`` runs).
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,8 +19,9 @@ from datapipes.files import sha256_file
 from datapipes.progress import Progress
 from datapipes.shards.codecs import image_pixels
 from datapipes.shards.format import ARRAY_MEMBERS, IMAGE_MEMBER_RE, MANIFEST_NAME, SHARD_RE, ShardFormatError
-from datapipes.shards.manifest import expected_members, read_manifest, shard_paths
+from datapipes.shards.manifest import expected_members, read_manifest, shard_locations
 from datapipes.shards.reader import iter_shard_members
+from datapipes.shards.remote import download, is_url, join, list_names, location_name, shard_label, url_sha256
 from datapipes.shards.samples import decode_members
 
 __all__ = ["check_shard_hashes", "verify_shards"]
@@ -36,34 +41,39 @@ def check_shard_hashes(
     reading the whole dataset once.
 
     Args:
-        root: the shard folder.
+        root: the shard folder (a local path or a URL).
         splits: the splits to check (``None``: every split of the manifest).
         manifest: the folder's manifest, if already read.
         progress: report progress on stderr (a bar on a terminal, periodic lines otherwise).
 
     Raises:
         UserError: for a missing or invalid manifest or split.
-        ShardFormatError: naming the first shard that is missing, unreadable or whose sha256 differs.
+        ShardFormatError: naming the first shard that is missing, unreadable or whose sha256 differs (its
+            URL when remote).
     """
-    root = Path(root)
     manifest = read_manifest(root) if manifest is None else manifest
     names = list(manifest["splits"]) if splits is None else list(dict.fromkeys(splits))
-    paths = [path for split in names for path in shard_paths(root, split, manifest)]
+    paths = [path for split in names for path in shard_locations(root, split, manifest)]
     shas = manifest.get("sha256") or {}
-    with Progress(len(paths), f"sha256 {root.name}", "shard", disable=not progress) as bar:
+    listing = join(root, MANIFEST_NAME)
+    with Progress(len(paths), f"sha256 {location_name(root)}", "shard", disable=not progress) as bar:
         for path in paths:
-            expected = shas.get(path.name)
+            name = location_name(path)
+            expected = shas.get(name)
             if not isinstance(expected, str):
-                raise ShardFormatError(f"{path.name}: no sha256 in {root / MANIFEST_NAME}")
-            try:
-                digest = sha256_file(path)
-            except OSError as err:
-                raise ShardFormatError(
-                    f"{path}: missing or unreadable shard ({err.strerror or err})"
-                ) from err
+                raise ShardFormatError(f"{name}: no sha256 in {listing}")
+            if is_url(path):
+                digest = url_sha256(path)
+            else:
+                try:
+                    digest = sha256_file(path)
+                except OSError as err:
+                    raise ShardFormatError(
+                        f"{path}: missing or unreadable shard ({err.strerror or err})"
+                    ) from err
             if digest != expected:
                 raise ShardFormatError(
-                    f"{path.name}: sha256 differs from {root / MANIFEST_NAME} (the file changed or is "
+                    f"{shard_label(path)}: sha256 differs from {listing} (the file changed or is "
                     "damaged); run pcpt-data inspect for details"
                 )
             bar.update()
@@ -92,35 +102,70 @@ def verify_shards(root: str | Path, *, on_shard: Callable[[str], None] | None = 
     """Hashes and fully decodes every shard listed in the manifest and checks it against the manifest.
 
     Args:
-        root: the shard folder.
+        root: the shard folder (a local path or a URL; a remote folder is checked for unlisted shard files
+            only when its server lists it).
         on_shard: called with each shard name after it is checked (progress reporting).
 
     Returns:
         One line per problem (missing shard, sha256 mismatch, sample count mismatch, undecodable or pickle
         member, unexpected or missing member, duplicate key, unlisted shard file); ``[]`` when all is good.
     """
-    root = Path(root)
     try:
         manifest = read_manifest(root)
     except UserError as err:
         return [str(err)]
     problems: list[str] = []
+    listed: set[str] = set()
+    with tempfile.TemporaryDirectory(prefix="pcpt-verify-") as tmp:
+        for split, info in manifest["splits"].items():
+            problems += _verify_split(root, split, info, manifest, listed, Path(tmp), on_shard)
+    present = list_names(str(root)) if is_url(root) else {entry.name for entry in Path(root).iterdir()}
+    for entry in sorted(present or ()):
+        match = SHARD_RE.match(entry)
+        if match and match.group(1) in manifest["splits"] and entry not in listed:
+            problems.append(f"{entry}: shard file not listed in {MANIFEST_NAME}")
+    return problems
+
+
+def _local_copy(root: str | Path, name: str, tmp: Path) -> Path | str:
+    """Shard ``name`` of ``root`` as a local file (a URL's is downloaded into ``tmp``), or the problem."""
+    if not is_url(root):
+        path = Path(root) / name
+        return path if path.is_file() else f"{name}: missing shard"
+    url = join(root, name)
+    try:
+        download(url, tmp / name)
+    except UserError as err:
+        return f"{name}: missing shard" if str(err).startswith(f"{url}: not found") else f"{name}: {err}"
+    return tmp / name
+
+
+def _verify_split(
+    root: str | Path,
+    split: str,
+    info: Mapping[str, Any],
+    manifest: Mapping[str, Any],
+    listed: set[str],
+    tmp: Path,
+    on_shard: Callable[[str], None] | None,
+) -> list[str]:
+    """The problems of one split's shards (their names are added to ``listed``)."""
     fields = manifest.get("fields", {})
     shas = manifest.get("sha256", {})
     counts = manifest.get("shard_samples", {})
-    listed: set[str] = set()
-    for split, info in manifest["splits"].items():
-        keys: set[str] = set()
-        total = 0
-        for name in info["shards"]:
-            listed.add(name)
-            path = root / name
-            if not path.is_file():
-                problems.append(f"{name}: missing shard")
-                continue
+    problems: list[str] = []
+    keys: set[str] = set()
+    total = 0
+    for name in info["shards"]:
+        listed.add(name)
+        path = _local_copy(root, name, tmp)
+        if isinstance(path, str):
+            problems.append(path)
+            continue
+        n = 0
+        try:
             if shas.get(name) != sha256_file(path):
                 problems.append(f"{name}: sha256 mismatch (the file changed or is damaged)")
-            n = 0
             try:
                 for key, members in iter_shard_members(path):
                     n += 1
@@ -141,17 +186,16 @@ def verify_shards(root: str | Path, *, on_shard: Callable[[str], None] | None = 
                             problems.append(f"{name}: sample {key}: image {i}: {err}")
             except ShardFormatError as err:
                 problems.append(f"undecodable: {err}")
-            total += n
-            if name in counts and counts[name] != n:
-                problems.append(f"{name}: {n} samples, manifest says {counts[name]}")
-            if on_shard is not None:
-                on_shard(name)
-        if total != info["samples"]:
-            problems.append(f"split {split!r}: {total} samples in shards, manifest says {info['samples']}")
-    for entry in sorted(root.iterdir()):
-        match = SHARD_RE.match(entry.name)
-        if match and match.group(1) in manifest["splits"] and entry.name not in listed:
-            problems.append(f"{entry.name}: shard file not listed in {MANIFEST_NAME}")
+        finally:
+            if is_url(root):
+                path.unlink(missing_ok=True)
+        total += n
+        if name in counts and counts[name] != n:
+            problems.append(f"{name}: {n} samples, manifest says {counts[name]}")
+        if on_shard is not None:
+            on_shard(name)
+    if total != info["samples"]:
+        problems.append(f"split {split!r}: {total} samples in shards, manifest says {info['samples']}")
     return problems
 
 
