@@ -3,9 +3,10 @@
 A converter hands an engine a picklable function mapping a chunk of items to one result per item, and a
 list of :class:`ShardJob` (one per output shard, items in their fixed order). The engine runs the function
 over chunks of every job and yields each job with its results in item order as soon as the whole job is
-done, so the driver can write that shard. The function's result for an item must not depend on which other
-items share its chunk; then results depend only on the item, never on the engine, the worker count, the
-chunking or the completion order.
+done, so the driver can write that shard, together with the node that computed each result (for the
+report). The function's result for an item must not depend on which other items share its chunk; then
+results depend only on the item, never on the engine, the worker count, the chunking, the completion order
+or the node.
 
 - :class:`LocalEngine` with ``workers=1`` runs in the calling process; with ``workers>1`` it uses a
   ``spawn`` process pool (safe with open3d and threads) and small chunks inside each job for load balance.
@@ -14,7 +15,10 @@ chunking or the completion order.
   on a local Ray instance, or on the cluster at ``address``. Ray is an optional extra
   (``pip install pcpt[ray]``) imported only here. Results travel back as ``.npz`` bytes
   (:func:`pack_result`), never as pickles of arrays inside Arrow columns, so the schema is fixed whatever
-  the item produced.
+  the item produced. A chunk whose worker process or node dies is run again on the nodes left (Ray Data
+  retries its map tasks after system failures: ``max_retries=-1``, its default, which pcpt keeps); the
+  engine keeps the first result of every item and yields every job exactly once, so a retry can neither
+  lose nor duplicate a sample.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import io
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,7 +36,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -57,13 +62,40 @@ class ShardJob:
     items: tuple[Any, ...]
 
 
+@dataclass(frozen=True, order=True)
+class Node:
+    """The machine (cluster node) that computed a result.
+
+    Attributes:
+        id: Ray node id (hex), or ``local`` for :class:`LocalEngine`.
+        address: the node's IP address (Ray) or host name (local).
+    """
+
+    id: str
+    address: str
+
+
+class JobResult(NamedTuple):
+    """One finished shard job.
+
+    Attributes:
+        job: the job.
+        results: one result dict per item, in item order.
+        nodes: the node that computed each result, in item order.
+    """
+
+    job: ShardJob
+    results: list[dict[str, Any]]
+    nodes: tuple[Node, ...]
+
+
 class Engine(Protocol):
     """Runs a per-item function over shard jobs; see the module docstring."""
 
     def run(
         self, fn: ChunkFn, jobs: Sequence[ShardJob], progress: ProgressFn | None = None
-    ) -> Iterator[tuple[ShardJob, list[dict[str, Any]]]]:
-        """Yields ``(job, results)`` for every job (in any order), results in item order."""
+    ) -> Iterator[JobResult]:
+        """Yields a :class:`JobResult` for every job exactly once (in any order), results in item order."""
         ...
 
     def close(self) -> None:
@@ -118,11 +150,12 @@ class LocalEngine:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.workers = workers
         self.chunk_size = chunk_size
+        self.node = Node("local", socket.gethostname())
         self._pool: ProcessPoolExecutor | None = None
 
     def run(
         self, fn: ChunkFn, jobs: Sequence[ShardJob], progress: ProgressFn | None = None
-    ) -> Iterator[tuple[ShardJob, list[dict[str, Any]]]]:
+    ) -> Iterator[JobResult]:
         """Yields each job with its results in item order (see :class:`Engine`)."""
         if self.workers == 1:
             for job in jobs:
@@ -132,9 +165,12 @@ class LocalEngine:
                     results.extend(_run_chunk(fn, chunk))
                     if progress is not None:
                         progress(len(chunk))
-                yield job, results
+                yield self._done(job, results)
             return
         yield from self._run_pool(fn, jobs, progress)
+
+    def _done(self, job: ShardJob, results: list[dict[str, Any]]) -> JobResult:
+        return JobResult(job, results, (self.node,) * len(results))
 
     def _chunk(self, count: int) -> int:
         """Items per task for a job of ``count`` items: at most ``chunk_size``; small jobs use all workers."""
@@ -142,7 +178,7 @@ class LocalEngine:
 
     def _run_pool(
         self, fn: ChunkFn, jobs: Sequence[ShardJob], progress: ProgressFn | None
-    ) -> Iterator[tuple[ShardJob, list[dict[str, Any]]]]:
+    ) -> Iterator[JobResult]:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
                 max_workers=self.workers,
@@ -161,7 +197,7 @@ class LocalEngine:
         remaining = {j: len(range(0, len(job.items), sizes[j])) for j, job in enumerate(jobs)}
         for j, left in remaining.items():
             if left == 0:  # an empty job still produces its (empty) shard
-                yield jobs[j], []
+                yield self._done(jobs[j], [])
         pending: dict[Future[list[dict[str, Any]]], tuple[int, int, int]] = {}
         next_chunk = 0
         max_in_flight = 4 * self.workers
@@ -181,7 +217,7 @@ class LocalEngine:
                     if remaining[j] == 0:
                         ordered = [r for s in sorted(parts[j]) for r in parts[j][s]]
                         del parts[j]
-                        yield jobs[j], ordered
+                        yield self._done(jobs[j], ordered)
         except BaseException:
             for future in pending:
                 future.cancel()
@@ -253,21 +289,72 @@ def _item_to_cell(item: Any) -> Any:
 
 
 class _RayMapper:
-    """The Ray Data batch function: rebuilds the items, runs the chunk function, packs the results."""
+    """The Ray Data batch function: rebuilds the items, runs the chunk function, packs the results.
+
+    Every output row also names the node that computed it (``node``: the Ray node id).
+    """
 
     def __init__(self, fn: ChunkFn, item_type: type | None) -> None:
         self.fn = fn
         self.item_type = item_type
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import ray
+
         cells = list(batch["item"])
         items = [self.item_type(**json.loads(c)) for c in cells] if self.item_type is not None else cells
         payloads = [pack_result(r) for r in _run_chunk(self.fn, items)]
+        node = ray.get_runtime_context().get_node_id()
         return {
             "job": np.asarray(batch["job"], dtype=np.int64),
             "pos": np.asarray(batch["pos"], dtype=np.int64),
             "payload": np.array(payloads, dtype=object),
+            "node": np.array([node] * len(payloads), dtype=object),
         }
+
+
+class JobAssembler:
+    """Collects per-item results arriving in any order, possibly twice, into one :class:`JobResult` per job.
+
+    The first result of an item is kept and later ones are ignored, so a chunk that a retry ran twice
+    neither duplicates nor replaces a sample; a job is complete (and returned once) when every item has a
+    result.
+
+    Args:
+        jobs: the jobs; items are addressed as ``(job index, position in the job)``.
+    """
+
+    def __init__(self, jobs: Sequence[ShardJob]) -> None:
+        self.jobs = list(jobs)
+        self._parts: dict[int, dict[int, tuple[dict[str, Any], Node]]] = {
+            j: {} for j, job in enumerate(self.jobs) if job.items
+        }
+
+    def empty_jobs(self) -> list[JobResult]:
+        """Results of the jobs without items (they still produce their empty shard)."""
+        return [JobResult(job, [], ()) for job in self.jobs if not job.items]
+
+    def wants(self, j: int, pos: int) -> bool:
+        """Whether item ``pos`` of job ``j`` still lacks a result."""
+        return j in self._parts and 0 <= pos < len(self.jobs[j].items) and pos not in self._parts[j]
+
+    def add(self, j: int, pos: int, result: dict[str, Any], node: Node) -> JobResult | None:
+        """Records an item's result (ignored if it already has one); returns the job once it is complete."""
+        if not self.wants(j, pos):
+            return None
+        parts = self._parts[j]
+        parts[pos] = (result, node)
+        if len(parts) < len(self.jobs[j].items):
+            return None
+        del self._parts[j]
+        ordered = [parts[p] for p in range(len(parts))]
+        return JobResult(self.jobs[j], [r for r, _ in ordered], tuple(n for _, n in ordered))
+
+    def check_complete(self) -> None:
+        """Raises ``RuntimeError`` naming how many items of how many jobs never got a result."""
+        if self._parts:
+            missing = sum(len(self.jobs[j].items) - len(got) for j, got in self._parts.items())
+            raise RuntimeError(f"no result for {missing} items of {len(self._parts)} shards")
 
 
 def _project_root() -> str:
@@ -278,19 +365,28 @@ class RayEngine:
     """Runs the per-item function with Ray Data on a local instance or an existing cluster.
 
     On a cluster (``address`` given), pcpt must be importable on every node (install it there). A local
-    instance is started with ``num_cpus`` CPUs and stopped by :meth:`close`.
+    instance is started with ``num_cpus`` CPUs and stopped by :meth:`close`. Jobs are cut into chunks of at
+    most ``chunk_size`` items, smaller when there are fewer than two chunks per cluster CPU, so that every
+    node gets work. A chunk whose worker or node dies is run again by Ray Data; results that arrive twice
+    for an item are dropped, so each job is yielded once with one result per item.
 
     Args:
-        address: Ray cluster address (``ray://...`` or ``auto``); ``None`` starts a local instance.
+        address: Ray cluster address (``HOST:PORT`` of the head, ``ray://...`` or ``auto``); ``None`` starts
+            a local instance.
         num_cpus: CPUs for a local instance (default: all).
-        chunk_size: items per Ray Data batch.
+        chunk_size: most items per Ray Data batch (one Ray task).
 
     Raises:
-        UserError: Ray is not installed.
+        UserError: Ray is not installed, or the cluster at ``address`` cannot be reached or refuses the
+            connection.
     """
 
     def __init__(
-        self, address: str | None = None, *, num_cpus: int | None = None, chunk_size: int = 32
+        self,
+        address: str | None = None,
+        *,
+        num_cpus: int | None = None,
+        chunk_size: int = 32,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -303,6 +399,7 @@ class RayEngine:
             ) from None
         self._ray = ray
         self._started = False
+        self._addresses: dict[str, str] = {}
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {
                 "include_dashboard": False,
@@ -315,14 +412,32 @@ class RayEngine:
                 kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": pythonpath}}
             try:
                 ray.init(address=address, **kwargs)
-            except ConnectionError as err:
-                raise UserError(f"cannot connect to the Ray cluster at {address!r}: {err}") from None
+            except (ConnectionError, ray.exceptions.AuthenticationError) as err:
+                raise UserError(
+                    f"cannot connect to the Ray cluster at {address!r}: {err} (is the address the head's "
+                    "HOST:PORT, and RAY_AUTH_TOKEN set when the cluster uses token authentication?)"
+                ) from None
             self._started = True
+
+    def _node(self, node_id: str) -> Node:
+        """The node with id ``node_id`` and the address it registered with (``?`` if Ray does not know it)."""
+        if node_id not in self._addresses:
+            self._addresses.update({n["NodeID"]: str(n["NodeManagerAddress"]) for n in self._ray.nodes()})
+        return Node(node_id, self._addresses.get(node_id, "?"))
+
+    def _chunk(self, count: int) -> int:
+        """Items per batch for ``count`` items: at most ``chunk_size``, at least two batches per CPU."""
+        cpus = max(1, int(self._ray.cluster_resources().get("CPU", 1)))
+        return max(1, min(self.chunk_size, -(-count // (2 * cpus))))
 
     def run(
         self, fn: ChunkFn, jobs: Sequence[ShardJob], progress: ProgressFn | None = None
-    ) -> Iterator[tuple[ShardJob, list[dict[str, Any]]]]:
-        """Yields each job with its results in item order (see :class:`Engine`)."""
+    ) -> Iterator[JobResult]:
+        """Yields each job with its results in item order (see :class:`Engine`).
+
+        Raises:
+            RuntimeError: Ray Data ended without a result for some item (never expected).
+        """
         import ray.data
 
         logging.getLogger("ray.data").setLevel(logging.ERROR)
@@ -337,29 +452,28 @@ class RayEngine:
             for j, job in enumerate(jobs)
             for p, item in enumerate(job.items)
         ]
-        remaining = {j: len(job.items) for j, job in enumerate(jobs)}
-        for j, left in remaining.items():
-            if left == 0:
-                yield jobs[j], []
+        assembler = JobAssembler(jobs)
+        yield from assembler.empty_jobs()
         if not rows:
             return
-        parts: dict[int, dict[int, dict[str, Any]]] = {j: {} for j in range(len(jobs))}
+        chunk = self._chunk(len(rows))
         mapper = _RayMapper(fn, item_type)
-        dataset = ray.data.from_items(rows).map_batches(
-            mapper, batch_size=self.chunk_size, batch_format="numpy"
+        dataset = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // chunk)).map_batches(
+            mapper, batch_size=chunk, batch_format="numpy"
         )
         for row in dataset.iter_rows():
             j, pos = int(row["job"]), int(row["pos"])
-            parts[j][pos] = unpack_result(bytes(row["payload"]))
+            if not assembler.wants(j, pos):  # a retried chunk's second answer: the first is kept
+                continue
             if progress is not None:
                 progress(1)
-            remaining[j] -= 1
-            if remaining[j] == 0:
-                done = parts.pop(j)
-                yield jobs[j], [done[p] for p in range(len(jobs[j].items))]
+            done = assembler.add(j, pos, unpack_result(bytes(row["payload"])), self._node(str(row["node"])))
+            if done is not None:
+                yield done
+        assembler.check_complete()
 
     def close(self) -> None:
-        """Stops the local Ray instance this engine started."""
+        """Disconnects from the cluster, or stops the local Ray instance this engine started."""
         if self._started:
             self._ray.shutdown()
             self._started = False
@@ -377,7 +491,7 @@ def make_engine(engine: str, *, workers: int = 1, ray_address: str | None = None
         The engine; call ``close()`` when done.
 
     Raises:
-        UserError: unknown engine name or Ray missing.
+        UserError: unknown engine name, Ray missing, or an unreachable cluster.
     """
     if engine == "local":
         if workers < 1:

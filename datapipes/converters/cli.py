@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,12 @@ scaled to the unit sphere (not kitti, las or scanobjectnn, unless --normalize); 
 farthest-point order (not kitti or las, unless --fps). Running the same command again resumes: complete shards
 are verified and kept, the rest is recomputed. Local processes (--workers N) and Ray (--engine ray) give
 byte-identical shards.
+
+Ray (--engine ray): without --ray-address a local Ray instance with --workers CPUs is started; with
+--ray-address HOST:PORT (the head's GCS address) the work runs on that cluster's nodes, which need pcpt
+installed (and the cluster's auth token, e.g. RAY_AUTH_TOKEN, when it uses token authentication). A chunk
+whose worker or node dies is run again on the remaining nodes, and no sample is lost or written twice. The
+summary (nodes in --json) says how many samples and rejections each node computed.
 
 Image views (image-point pre-training, e.g. ViPFormer): --render-views K renders K PNG views per sample
 (meshes ray-cast, point sets splatted; --render-size, --render-up). shapenet-render stores each model's own
@@ -174,7 +182,11 @@ def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
     e.add_argument(
         "--engine", default="local", metavar="{local,ray}", help="local processes (default) or Ray Data"
     )
-    e.add_argument("--ray-address", metavar="A", help="Ray cluster address (default: start a local instance)")
+    e.add_argument(
+        "--ray-address",
+        metavar="A",
+        help="Ray cluster to run on: the head's HOST:PORT, or auto (default: start a local instance)",
+    )
     e.add_argument("--strict", action="store_true", help="fail on the first rejected input (exit 2)")
     e.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -273,6 +285,12 @@ def format_report(report: ConvertReport) -> str:
             f"  empty classes (no sample in any split; label kept): {len(report.empty_classes)}: "
             + ", ".join(report.empty_classes)
         )
+    if any(node != "local" for node in report.nodes):
+        lines.append(f"  nodes: {len(report.nodes)} (samples, rejected computed in this run)")
+        lines += [
+            f"    {entry['address']} {node[:12]}: {entry['samples']} samples, {entry['rejected']} rejected"
+            for node, entry in report.nodes.items()
+        ]
     return "\n".join(lines)
 
 
@@ -280,19 +298,20 @@ def run_convert(args: argparse.Namespace) -> int:
     """Handler of ``pcpt-data convert``: converts, prints the summary, returns the exit status."""
     options = options_from_args(args)
     converter = get_converter(options.format)
-    engine = make_engine(args.engine, workers=args.workers, ray_address=args.ray_address)
-    try:
-        with Progress(None, f"convert {options.format}", "sample", disable=args.quiet) as bar:
-            report = convert(
-                converter,
-                options,
-                Path(args.out),
-                engine,
-                strict=args.strict,
-                progress=bar.update,
-                on_total=bar.set_total,
-            )
-    finally:
-        engine.close()
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the summary only (Ray prints notices)
+        engine = make_engine(args.engine, workers=args.workers, ray_address=args.ray_address)
+        try:
+            with Progress(None, f"convert {options.format}", "sample", disable=args.quiet) as bar:
+                report = convert(
+                    converter,
+                    options,
+                    Path(args.out),
+                    engine,
+                    strict=args.strict,
+                    progress=bar.update,
+                    on_total=bar.set_total,
+                )
+        finally:
+            engine.close()
     print(dumps_report(report) if args.json else format_report(report))
     return 0

@@ -3,7 +3,8 @@
 Shard ``i`` of a split holds exactly items ``[i*S, (i+1)*S)`` of the split's (seeded, shuffled) order
 (``S = shard_size``) minus the rejected ones, so a re-run recomputes only the shards that are not complete
 and verified: nothing is lost or duplicated. The per-item work runs on an engine (local processes or Ray,
-see :mod:`datapipes.engines`) and gives the same samples whatever the engine.
+see :mod:`datapipes.engines`) and gives the same samples whatever the engine; the report says how many
+samples and rejections each node computed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 from datapipes.converters.base import Converter, ConvertOptions, Plan, WorkItem, item_rng
 from datapipes.converters.images import images_entry, resolve_render_options
 from datapipes.converters.process import is_rejection, process_items
-from datapipes.engines import Engine, ShardJob
+from datapipes.engines import Engine, JobResult, ShardJob
 from datapipes.errors import UserError
 from datapipes.files import printable
 
@@ -98,6 +99,9 @@ class ConvertReport:
         elapsed_s: wall-clock seconds.
         empty_classes: classes without any sample in any split (a class folder without input files, or
             whose files were all rejected); they keep their label index.
+        nodes: node id -> ``{"address": IP or host name, "samples": n, "rejected": r}``: the samples and
+            rejections of the shards written in this run, by the node that computed them (``local`` for
+            the local engine; resumed shards are not counted).
     """
 
     format: str
@@ -109,6 +113,7 @@ class ConvertReport:
     shards_resumed: int
     elapsed_s: float
     empty_classes: list[str] = field(default_factory=list)
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
@@ -210,9 +215,10 @@ def convert(
         plan.splits = {split: shuffled(items, options.seed, split) for split, items in plan.splits.items()}
     if not any(plan.splits.values()):
         raise UserError(f"{options.src}: no {converter.name} input found")
+    nodes: dict[str, dict[str, Any]] = {}
     with ShardSetWriter(out, options=options.to_dict()) as writer:
         manifest, written, resumed = _run(
-            converter, writer, plan, options, engine, strict, progress, on_total, on_shard
+            converter, writer, plan, options, engine, strict, progress, on_total, on_shard, nodes
         )
     samples_per_split = {s: int(v.get("samples", 0)) for s, v in manifest.get("splits", {}).items()}
     totals = {c: sum(int(per.get(c, 0)) for per in manifest.get("counts", {}).values()) for c in plan.classes}
@@ -226,7 +232,15 @@ def convert(
         shards_resumed=resumed,
         elapsed_s=round(time.perf_counter() - start, 3),
         empty_classes=[c for c in plan.classes if totals[c] == 0],
+        nodes=dict(sorted(nodes.items())),
     )
+
+
+def _count_nodes(nodes: dict[str, dict[str, Any]], done: JobResult) -> None:
+    """Adds one job's samples and rejections to the per-node counts, in place."""
+    for result, node in zip(done.results, done.nodes, strict=True):
+        entry = nodes.setdefault(node.id, {"address": node.address, "samples": 0, "rejected": 0})
+        entry["rejected" if is_rejection(result) else "samples"] += 1
 
 
 def _run(
@@ -239,8 +253,12 @@ def _run(
     progress: Callable[[int], None] | None,
     on_total: Callable[[int], None] | None,
     on_shard: Callable[[str, int], None] | None,
+    nodes: dict[str, dict[str, Any]],
 ) -> tuple[dict[str, Any], int, int]:
-    """Computes the shards that are not complete and finalises; returns ``(manifest, written, resumed)``."""
+    """Computes the shards that are not complete and finalises; returns ``(manifest, written, resumed)``.
+
+    ``nodes`` receives the per-node counts of the shards written (see :class:`ConvertReport`).
+    """
     size = options.shard_size
     num_shards = {split: math.ceil(len(items) / size) for split, items in plan.splits.items() if items}
     jobs: list[ShardJob] = []
@@ -256,13 +274,19 @@ def _run(
         on_total(sum(len(job.items) for job in jobs))
     fn = partial(process_items, options=options)
     written = 0
-    for job, results in engine.run(fn, jobs, progress):
+    seen: set[tuple[str, int]] = set()
+    for done in engine.run(fn, jobs, progress):
+        job, results = done.job, done.results
+        if (job.split, job.index) in seen:  # engines yield each job once; never write a shard twice
+            raise RuntimeError(f"engine returned shard {job.split}-{job.index:06d} twice")
+        seen.add((job.split, job.index))
         rejected = [cast("Rejection", r) for r in results if is_rejection(r)]
         if strict and rejected:
             first = rejected[0]
             raise UserError(f"{first['source']}: {first['reason']} (rejected under --strict)")
         samples = [cast("Sample", r) for r in results if not is_rejection(r)]
         writer.write_shard(job.split, job.index, samples, rejected)
+        _count_nodes(nodes, done)
         written += 1
         if on_shard is not None:
             on_shard(job.split, job.index)
