@@ -6,6 +6,11 @@ wired by ``pretrain.optim.configure_optimization``), per-step seeded random gene
 the metadata that makes a Lightning checkpoint exportable (``checkpoint["pcpt"]``) and the artifact export.
 A method subclasses it, names the module it exports (:attr:`exported_module`, ``"encoder"`` by default) and
 implements ``training_step``; the maths lives in ``pretrain.ops``, ``pretrain.nn`` and ``pretrain.losses``.
+
+``compile=True`` compiles the heavy pure-torch parts of a method in place (:attr:`compile_types`, the
+transformer blocks by default) with ``nn.Module.compile``, which keeps the state-dict keys (no ``_orig_mod.``
+prefix), so checkpoints and artifacts of compiled runs load into eager models. Grouping (FPS, kNN), masking
+and the losses stay eager: they hold data-dependent loops and shapes.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from pretrain.artifact_files import WEIGHTS_FILE
 from pretrain.artifacts import kind_of, load_encoder, module_spec, save_module_artifact
 from pretrain.checkpoint import CKPT_META_KEY, lightning_ckpt_meta
 from pretrain.encoders import DataContract, EncoderSpec, PointEncoder, build_encoder, spec_from_dict
+from pretrain.nn.perceiver import CrossAttentionLayer, SelfAttentionLayer
+from pretrain.nn.transformer import Block, CrossAttentionBlock
 from pretrain.optim import AdamW, configure_optimization
 from pretrain.schedules import WarmupCosineLR
 from pretrain.training import MicroBatchIndex, epochs_trained, seed_step_randomness, seeded_generator
@@ -48,6 +55,14 @@ class PretrainModule(pl.LightningModule):
         init_from: a ``point_encoder`` artifact to start from (the output of an earlier stage, e.g. Point-MAE
             before a contrastive stage): its spec replaces ``encoder`` and its weights are loaded strictly;
             the artifact's path, method and weights checksum go into the provenance.
+        compile: compile the modules of :attr:`compile_types` in place with ``torch.compile`` when the model
+            is configured (``configure_model``, or :meth:`compile_modules` outside a Trainer). State-dict
+            keys do not change. In-graph random draws (dropout, drop-path) then come from inductor's own
+            generator: reproducible, but not the eager draws.
+        compile_mode: ``torch.compile`` mode (``"default"``, ``"reduce-overhead"``, ``"max-autotune"``, ...;
+            None: torch's default).
+        compile_dynamic: ``torch.compile``'s ``dynamic`` (None: recompile once with dynamic shapes when a
+            shape changes; False: a graph per shape; True: dynamic from the start).
     """
 
     method_name: ClassVar[str] = "pretrain"
@@ -58,6 +73,14 @@ class PretrainModule(pl.LightningModule):
     #: attributes of further modules written with it, as artifacts in subfolders ``<artifact>/<name>``
     #: (e.g. the image encoder of an image-point contrastive method).
     companion_modules: ClassVar[tuple[str, ...]] = ()
+    #: module types that ``compile=True`` compiles in place (outermost instances only): pure-torch parts
+    #: with static control flow. Methods override it (an empty tuple: nothing of the method compiles).
+    compile_types: ClassVar[tuple[type[nn.Module], ...]] = (
+        Block,
+        CrossAttentionBlock,
+        CrossAttentionLayer,
+        SelfAttentionLayer,
+    )
 
     def __init__(
         self,
@@ -69,6 +92,9 @@ class PretrainModule(pl.LightningModule):
         normalization: Literal["unit_sphere", "none"] = "unit_sphere",
         seed: int = 0,
         init_from: str | None = None,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        compile_dynamic: bool | None = None,
     ) -> None:
         super().__init__()
         if encoder is not None and not isinstance(encoder, EncoderSpec):
@@ -95,6 +121,45 @@ class PretrainModule(pl.LightningModule):
         self.fps_ordered_data = False
         self.loss_weights: dict[str, float] = {}  # methods with several loss terms: set_loss_weights
         self._micro_batch = MicroBatchIndex()
+        self.compile_enabled, self.compile_mode, self.compile_dynamic = compile, compile_mode, compile_dynamic
+        self._compiled: list[str] = []
+
+    # ------------------------------------------------------------------------------------------ compile
+    def configure_model(self) -> None:
+        """Compiles the heavy parts when ``compile=True`` (Lightning calls it before training)."""
+        if self.compile_enabled:
+            self.compile_modules()
+
+    def compile_targets(self) -> dict[str, nn.Module]:
+        """The outermost submodules of a :attr:`compile_types` type, by qualified name."""
+        targets: dict[str, nn.Module] = {}
+        for name, module in self.named_modules():
+            if not self.compile_types or not isinstance(module, self.compile_types):
+                continue
+            if any(name.startswith(f"{outer}.") for outer in targets):
+                continue
+            targets[name] = module
+        return targets
+
+    def compile_modules(self) -> list[str]:
+        """Compiles every :meth:`compile_targets` module in place (``nn.Module.compile``); idempotent.
+
+        The compiled call replaces the module's ``__call__`` only: parameters, buffers and state-dict keys
+        stay those of the eager module.
+
+        Returns:
+            The qualified names of the compiled modules.
+        """
+        if self._compiled:
+            return list(self._compiled)
+        targets = self.compile_targets()
+        if not targets:
+            rank_zero_info(f"{type(self).__name__}: compile=True, but the method has no module to compile")
+        for module in targets.values():
+            module.compile(mode=self.compile_mode, dynamic=self.compile_dynamic)
+        self._compiled = list(targets)
+        rank_zero_info(f"{type(self).__name__}: compiled {len(targets)} module(s) with torch.compile")
+        return list(self._compiled)
 
     # ----------------------------------------------------------------------------------------- randomness
     def step_generator(self, stream: int = 0) -> torch.Generator:

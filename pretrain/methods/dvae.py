@@ -25,6 +25,7 @@ from pretrain.dvae_eval import (
 )
 from pretrain.losses import dvae_kl_uniform
 from pretrain.methods.base import PretrainModule
+from pretrain.nn.folding import FoldingDecoder
 from pretrain.schedules import cosine_ramp
 from pretrain.training import derive_seed
 
@@ -52,6 +53,8 @@ class PointDVAE(PretrainModule):
     method_name = "PointDVAE"
     accepts_init_from = False
     exported_module = "dvae"
+    #: ``compile=True`` compiles the folding decoder (the DGCNN's kNN graph stays eager).
+    compile_types = (FoldingDecoder,)
 
     def __init__(
         self,

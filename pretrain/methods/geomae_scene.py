@@ -68,6 +68,8 @@ class GeoMAEScene(PretrainModule):
 
     method_name = "GeoMAEScene"
     accepts_init_from = False
+    #: nothing compiles: the window attention gathers data-dependent groups of pillars for every scan.
+    compile_types = ()
     encoder: PillarSceneEncoder  # type: ignore[assignment]
 
     def __init__(
