@@ -2,10 +2,14 @@
 
 :func:`fps_indices` runs the numba kernels of :mod:`datapipes._fps_kernels` over a batch of clouds and
 returns the same indices as the pure torch / numpy loops it replaces (same float arithmetic, same
-first-index tie-break). A cloud's FPS is sequential, so each cloud runs on one thread; with ``threads > 1``
-the clouds of a batch are shared out among that many Python threads (the kernels release the GIL), which
-take small chunks of clouds from a common counter so that a thread slowed by another process on the same
-core does not hold up the batch. Nothing synchronises between threads inside a cloud's loop.
+first-index tie-break). Long runs on large 3-channel clouds (:func:`use_pruning`) go through a kernel that
+keeps the points in spatially compact blocks and skips, at each step, the blocks that provably cannot change
+(see :func:`datapipes._fps_kernels._fps_cloud_pruned`); it returns the same indices, 4-5x faster for a full
+ordering of 8192 points (3x for 8192 -> 1024). A cloud's FPS is sequential, so each cloud runs on one
+thread; with ``threads > 1`` the clouds of a batch are shared out among that many Python threads (the
+kernels release the GIL), which take small chunks of clouds from a common counter so that a thread slowed
+by another process on the same core does not hold up the batch. Nothing synchronises between threads
+inside a cloud's loop.
 
 numba is optional: :func:`numba_enabled` is false when it is not installed or when the environment variable
 ``PCPT_DISABLE_NUMBA`` is set to anything but ``""`` or ``"0"``; callers then use their pure torch / numpy
@@ -61,6 +65,22 @@ def block_length(num_points: int) -> int:
     return 16
 
 
+PRUNE_MIN_POINTS = 1024
+"""Smallest cloud size for which :func:`fps_indices` skips far blocks by default (3-channel clouds)."""
+
+PRUNE_MIN_SAMPLES = 256
+"""Smallest number of samples for which :func:`fps_indices` skips far blocks by default: sorting the points
+into blocks costs about as much as 100 steps of the plain kernel, so short runs do not pay for it."""
+
+PRUNE_BLOCK = 64
+"""Block length of the block-skipping kernel (blocks of spatially close points, each with a bounding box)."""
+
+
+def use_pruning(num_points: int, num_samples: int, channels: int) -> bool:
+    """Whether :func:`fps_indices` runs the block-skipping kernel by default for clouds of this shape."""
+    return channels == 3 and num_points >= PRUNE_MIN_POINTS and num_samples >= PRUNE_MIN_SAMPLES
+
+
 def fps_indices(
     points: np.ndarray,
     num_samples: int,
@@ -70,6 +90,7 @@ def fps_indices(
     excluded: np.ndarray | None = None,
     exclude_chosen: bool = False,
     threads: int = 1,
+    prune: bool | None = None,
 ) -> np.ndarray:
     """Farthest point sampling of a batch of clouds with the compiled kernels.
 
@@ -85,12 +106,16 @@ def fps_indices(
         excluded: (B, N) bool, candidates never chosen after the start and never updated, or None.
         exclude_chosen: never choose a point twice (its running distance drops to -1 once chosen).
         threads: Python threads sharing the clouds (the kernels release the GIL); 1 runs on the caller.
+        prune: run the kernel that sorts the points into spatially compact blocks (Morton order) and skips
+            the blocks too far from each new centre to change (3-channel clouds only; same indices, faster
+            for long runs on large clouds); None decides by :func:`use_pruning`.
 
     Returns:
         (B, S) int64 indices into N in selection order.
 
     Raises:
         RuntimeError: if numba is not available (check :func:`numba_enabled` first).
+        ValueError: if ``prune`` is True for clouds with other than 3 channels.
     """
     kernels = _kernels()
     if kernels is None:
@@ -98,7 +123,11 @@ def fps_indices(
     pts = np.asarray(points)
     dtype = np.float64 if pts.dtype == np.float64 else np.float32
     batch, num_points, channels = pts.shape
-    blk = block_length(num_points)
+    if prune is None:
+        prune = use_pruning(num_points, num_samples, channels)
+    elif prune and channels != 3:
+        raise ValueError(f"fps_indices: prune=True needs 3-channel points, got {channels} channels")
+    blk = PRUNE_BLOCK if prune else block_length(num_points)
     padded = -(-num_points // blk) * blk
     planes = np.zeros((batch, channels, padded), dtype)
     planes[:, :, :num_points] = pts.transpose(0, 2, 1)
@@ -108,7 +137,11 @@ def fps_indices(
         mind[:, :num_points][excluded] = -np.inf
     out = np.empty((batch, num_samples), np.int64)
     starts = np.ascontiguousarray(first, dtype=np.int64)
-    _run(kernels.fps_clouds, (planes, mind, out, starts, blk, bool(exclude_chosen)), batch, threads)
+    if prune:
+        args = (planes, mind, out, starts, blk, bool(exclude_chosen), num_points)
+        _run(kernels.fps_clouds_pruned, args, batch, threads)
+    else:
+        _run(kernels.fps_clouds, (planes, mind, out, starts, blk, bool(exclude_chosen)), batch, threads)
     return out
 
 
