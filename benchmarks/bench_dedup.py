@@ -48,6 +48,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from machine import machine_info  # noqa: E402
 
 DIM_EXTENT, BINS = 3, 32
 DIM = DIM_EXTENT + 4 * BINS
@@ -269,12 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         "dim": DIM,
         "exact_max": args.exact_max,
         "descriptor_ms_per_cloud": descriptor_ms_per_cloud(),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        },
+        "machine": machine_info(load_before),
         "versions": {
             "python": platform.python_version(),
             "faiss": faiss.__version__,

@@ -136,10 +136,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(max(args.threads))  # for any OpenMP code; set before imports
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
     import numpy as np
     import open3d as o3d
     import torch
+    from machine import machine_info
 
     from datapipes import fps_numba
     from pretrain.ops import farthest_point_sample
@@ -246,12 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         "repeats": args.repeats,
         "load": {"busy_process": args.load, "pid": busy_pid},
         "first_call_s": sig4(first_call_s),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        },
+        "machine": machine_info(load_before),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,

@@ -50,6 +50,25 @@ _minnum = _binary_intrinsic("llvm.minnum")
 _maxnum = _binary_intrinsic("llvm.maxnum")
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _update_block(
+    xb: np.ndarray, yb: np.ndarray, zb: np.ndarray, mb: np.ndarray, cx: Any, cy: Any, cz: Any, lowest: Any
+) -> Any:  # pragma: no cover - compiled
+    """Lowers one block's running distances ``mb`` to the new centre (3 channels); returns their maximum.
+
+    ``xb, yb, zb, mb`` have the block's length; the squared distance is ``(dx*dx + dy*dy) + dz*dz``.
+    """
+    block_max = lowest
+    for j in range(mb.shape[0]):
+        dx = xb[j] - cx
+        dy = yb[j] - cy
+        dz = zb[j] - cz
+        m = _minnum(mb[j], (dx * dx + dy * dy) + dz * dz)
+        mb[j] = m
+        block_max = _maxnum(block_max, m)
+    return block_max
+
+
 @njit(cache=True, nogil=True)
 def _fps_cloud_xyz(
     x: np.ndarray,
@@ -76,18 +95,9 @@ def _fps_cloud_xyz(
         best_block = 0
         for b in range(num_blocks):
             lo = b * blk
-            xb = x[lo : lo + blk]
-            yb = y[lo : lo + blk]
-            zb = z[lo : lo + blk]
-            mb = mind[lo : lo + blk]
-            block_max = lowest
-            for j in range(blk):
-                dx = xb[j] - cx
-                dy = yb[j] - cy
-                dz = zb[j] - cz
-                m = _minnum(mb[j], (dx * dx + dy * dy) + dz * dz)
-                mb[j] = m
-                block_max = _maxnum(block_max, m)
+            block_max = _update_block(
+                x[lo : lo + blk], y[lo : lo + blk], z[lo : lo + blk], mind[lo : lo + blk], cx, cy, cz, lowest
+            )
             if block_max > best:
                 best = block_max
                 best_block = b
@@ -323,18 +333,9 @@ def _fps_cloud_pruned(
                 best = _maxnum(best, bmax[b])
                 continue
             lo = b * blk
-            xb = xp[lo : lo + blk]
-            yb = yp[lo : lo + blk]
-            zb = zp[lo : lo + blk]
-            mb = mp[lo : lo + blk]
-            block_max = lowest
-            for j in range(blk):
-                dx = xb[j] - cx
-                dy = yb[j] - cy
-                dz = zb[j] - cz
-                m = _minnum(mb[j], (dx * dx + dy * dy) + dz * dz)
-                mb[j] = m
-                block_max = _maxnum(block_max, m)
+            block_max = _update_block(
+                xp[lo : lo + blk], yp[lo : lo + blk], zp[lo : lo + blk], mp[lo : lo + blk], cx, cy, cz, lowest
+            )
             bmax[b] = block_max
             best = _maxnum(best, block_max)
         chosen = size
