@@ -8,10 +8,15 @@
   error line naming the file (:class:`~datapipes.errors.UserError`), not a traceback after set-up.
 - Lightning's configuration errors (``MisconfigurationException``) become one error line too.
 - Notices that are not actionable for a pcpt user are silenced.
+- A config that sets no ``trainer.logger`` (or ``logger: true``) logs with TensorBoard when the
+  ``tensorboard`` package is installed and to CSV files otherwise (:func:`default_logger`), in
+  ``<default_root_dir>/lightning_logs/version_N``; ``logger: false`` and a configured logger are used as they
+  are, and the config (and its sha256 in the provenance) is not changed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 import warnings
@@ -27,7 +32,7 @@ from datapipes.errors import UserError
 from pretrain.artifact_files import state_mismatch
 from pretrain.checkpoint import CKPT_META_KEY, ArtifactError, read_checkpoint_file
 
-__all__ = ["RUN_DIR_ENV", "PcptLightningCLI", "check_resume_checkpoint", "run_lightning"]
+__all__ = ["RUN_DIR_ENV", "PcptLightningCLI", "check_resume_checkpoint", "default_logger", "run_lightning"]
 
 #: environment variable that carries the default run folder to DDP worker processes.
 RUN_DIR_ENV = "PCPT_RUN_DIR"
@@ -71,6 +76,23 @@ def check_resume_checkpoint(
         raise UserError(f"{path}: weights do not fit the configured model: {'; '.join(problems)}")
 
 
+def default_logger(save_dir: str | Path) -> Any:
+    """The logger of a run whose config names none: TensorBoard if installed, else CSV.
+
+    ``TensorBoardLogger`` when the ``tensorboard`` package can be imported, else ``CSVLogger``, both under
+    ``save_dir/lightning_logs/version_N`` (where Lightning's default logger writes), without Lightning's
+    notice about the missing package.
+
+    Args:
+        save_dir: the run folder (``trainer.default_root_dir``).
+    """
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        return TensorBoardLogger(save_dir=str(save_dir))
+    return CSVLogger(save_dir=str(save_dir))
+
+
 class PcptLightningCLI(LightningCLI):
     """LightningCLI with pcpt's run folder, checked ``--ckpt_path`` and one-line configuration errors.
 
@@ -100,6 +122,14 @@ class PcptLightningCLI(LightningCLI):
                 raise ArtifactError(f"{src}: not a Lightning checkpoint (--ckpt_path)")
             self._resume_ckpt = ckpt
         super()._parse_ckpt_path()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The trainer, with :func:`default_logger` when the config sets no logger (None or ``true``)."""
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        logger = trainer_config.get("logger")
+        if "logger" not in kwargs and (logger is None or logger is True):
+            kwargs["logger"] = default_logger(trainer_config.get("default_root_dir") or ".")
+        return super().instantiate_trainer(**kwargs)
 
     def before_instantiate_classes(self) -> None:
         """Puts runs under ``runs/<name>/<timestamp>`` when no ``default_root_dir`` is configured."""

@@ -6,43 +6,23 @@ fitting, ``--ckpt_path`` and ``--export_dir`` are checked and the resolved confi
 manifest's sha256 are recorded for provenance; after fitting, rank 0 writes the encoder artifact to
 ``<log dir>/encoder`` (``--export_dir`` overrides it), whatever the number of devices.
 
-Logging: a config that sets no ``trainer.logger`` (or ``logger: true``) logs with TensorBoard when the
-``tensorboard`` package is installed and to CSV files otherwise (:func:`default_logger`), in
-``<default_root_dir>/lightning_logs/version_N`` (Lightning's own default layout). ``logger: false`` and a
-configured logger are used as they are; the config (and its sha256 in the provenance) is not changed.
+Logging: see :func:`~pretrain.lightning_base.default_logger` (TensorBoard when installed, else CSV, for a
+config that names no logger).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from datapipes.datamodule import PointCloudDataModule
 from pretrain.checkpoint import check_artifact_destination
-from pretrain.lightning_base import PcptLightningCLI, run_lightning
+from pretrain.lightning_base import PcptLightningCLI, default_logger, run_lightning
 from pretrain.methods.base import PretrainModule
 
 __all__ = ["CLI_KWARGS", "PretrainCLI", "default_logger", "run_lightning_cli"]
-
-
-def default_logger(save_dir: str | Path) -> Any:
-    """The logger of a run whose config names none: TensorBoard if installed, else CSV.
-
-    ``TensorBoardLogger`` when the ``tensorboard`` package can be imported, else ``CSVLogger``, both under
-    ``save_dir/lightning_logs/version_N`` (where Lightning's default logger writes), without Lightning's
-    notice about the missing package.
-
-    Args:
-        save_dir: the run folder (``trainer.default_root_dir``).
-    """
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    if importlib.util.find_spec("tensorboard") is not None:
-        return TensorBoardLogger(save_dir=str(save_dir))
-    return CSVLogger(save_dir=str(save_dir))
 
 
 class PretrainCLI(PcptLightningCLI):
@@ -80,14 +60,6 @@ class PretrainCLI(PcptLightningCLI):
         manifest_sha256 = getattr(self.datamodule, "manifest_sha256", None)
         if isinstance(manifest_sha256, str):
             model.provenance_extra["data_manifest_sha256"] = manifest_sha256
-
-    def instantiate_trainer(self, **kwargs: Any) -> Any:
-        """The trainer, with :func:`default_logger` when the config sets no logger (None or ``true``)."""
-        trainer_config = self._get(self.config_init, "trainer", default={})
-        logger = trainer_config.get("logger")
-        if "logger" not in kwargs and (logger is None or logger is True):
-            kwargs["logger"] = default_logger(trainer_config.get("default_root_dir") or ".")
-        return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
         model = self.model

@@ -115,3 +115,23 @@ def test_resumed_finetuning_ends_with_the_weights_of_an_uninterrupted_run(
     ]
     different = [k for k in want if not torch.equal(want[k], got[k])]
     assert not different, different[:5]
+
+
+def test_finetune_without_a_logger_logs_with_the_default_logger(
+    demo: Path, artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No ``trainer.logger`` in the config: CSV when tensorboard is missing, in lightning_logs/version_0."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args: object) -> object:
+        return None if name == "tensorboard" else real_find_spec(name, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    args = [a for a in _fit_args(demo, artifact, tmp_path) if a != "--trainer.logger=false"]
+    assert finetune_main([*args, "--trainer.max_epochs=1", "--model.vote_views=0"]) == 0
+    metrics = tmp_path / "lightning_logs" / "version_0" / "metrics.csv"
+    header = metrics.read_text().splitlines()[0].split(",")
+    assert "val/acc" in header
+    assert not list(tmp_path.rglob("events.out.tfevents.*"))
