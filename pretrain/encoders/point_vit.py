@@ -31,6 +31,15 @@ from pretrain.ops import PatchGroups
 __all__ = ["PointViT"]
 
 
+def _check_keep(keep: Tensor, batch: int, num_groups: int) -> int:
+    """Checks a bool (B, G) ``keep`` mask with the same count per row; returns that count."""
+    check_token_mask("keep", keep, batch, num_groups)
+    counts = keep.sum(dim=1)
+    if bool((counts != counts[0]).any()):
+        raise ValueError(f"keep must select the same number of tokens per row, got {counts.tolist()}")
+    return int(counts[0]) if batch else 0
+
+
 class PointViT(PointEncoder):
     """Point-BERT / Point-MAE encoder built from a :class:`PointViTSpec`.
 
@@ -104,6 +113,30 @@ class PointViT(PointEncoder):
         groups = self.group(xyz, generator=generator)
         return PointTokens(groups, self.embed(groups.neighborhoods))
 
+    def encode_kept(self, groups: PatchGroups, keep: Tensor, *, embed_all: bool = False) -> EncoderOutput:
+        """Embeds and encodes the kept patches of each cloud (MAE-style encoding of the visible patches).
+
+        The mini-PointNet runs on the kept patches only, unless ``embed_all`` (the official Point-MAE code
+        embeds every patch and then drops the masked tokens). The two give the same tokens when the
+        tokenizer's BatchNorm uses running statistics (eval mode); in training mode its batch statistics
+        come from the embedded patches, so they differ by which patches those are. Embedding only the kept
+        ones takes ``keep``'s fraction of the mini-PointNet's work (40 % at mask ratio 0.6).
+
+        Args:
+            groups: patches (centres (B, G, 3), neighbourhoods (B, G, K, 3)).
+            keep: bool (B, G), the same count per row.
+            embed_all: embed every patch, then select (the official computation).
+
+        Returns:
+            :class:`EncoderOutput` of the kept tokens (B, G', D) and their centres (B, G', 3).
+        """
+        if not embed_all:
+            batch, num_groups = groups.centers.shape[:2]
+            kept = _check_keep(keep, batch, num_groups)
+            neighborhoods = groups.neighborhoods[keep].reshape(batch, kept, *groups.neighborhoods.shape[2:])
+            return self(self.embed(neighborhoods), groups.centers[keep].reshape(batch, kept, 3))
+        return self(self.embed(groups.neighborhoods), groups.centers, keep=keep)
+
     def forward(
         self,
         tokens: Tensor,
@@ -142,10 +175,7 @@ class PointViT(PointEncoder):
             check_token_mask("replace", replace, batch, num_groups)
             x = torch.where(replace.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         if keep is not None:
-            check_token_mask("keep", keep, batch, num_groups)
-            counts = keep.sum(dim=1)
-            if bool((counts != counts[0]).any()):
-                raise ValueError(f"keep must select the same number of tokens per row, got {counts.tolist()}")
+            _check_keep(keep, batch, num_groups)
             x = x[keep].reshape(batch, -1, dim)
             centers = centers[keep].reshape(batch, -1, 3)
         pos = self.pos_embed(centers)

@@ -52,6 +52,8 @@ class GeoMAE(PretrainModule):
         normal_weight: weight of the normal term.
         curvature_weight: weight of the curvature term (0: not trained, as the released GeoMAE config).
         chamfer_weight: weight of Point-MAE's Chamfer-L2 term on the masked points (0: off).
+        embed_masked_patches: also embed the masked patches, as the official Point-MAE code does (see
+            ``PointMAE``); by default only the visible ones are embedded.
         **kwargs: optimiser, schedule, data contract and seed (see :class:`PretrainModule`).
     """
 
@@ -75,6 +77,7 @@ class GeoMAE(PretrainModule):
         normal_weight: float = 4.0,
         curvature_weight: float = 4.0,
         chamfer_weight: float = 0.0,
+        embed_masked_patches: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(encoder, **kwargs)
@@ -100,6 +103,7 @@ class GeoMAE(PretrainModule):
         )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.mask_ratio, self.mask_type = mask_ratio, mask_type
+        self.embed_masked_patches = embed_masked_patches
         self.sub_cells, self.normal_sign = sub_cells, normal_sign
         dim = self.encoder.spec.embed_dim
         self.decoder = MaskedTokenDecoder(
@@ -150,11 +154,11 @@ class GeoMAE(PretrainModule):
         Returns:
             ``{"centroid", "sub_centroid", "occupancy", "normal", "curvature"[, "chamfer"]}`` -> () scalars.
         """
-        groups, tokens = self.encoder.tokenize(points, generator=generator)
+        groups = self.encoder.group(points, generator=generator)
         if mask is None:
             mask = self.make_mask(groups, generator)
         batch = mask.shape[0]
-        visible = self.encoder(tokens, groups.centers, keep=~mask).tokens
+        visible = self.encoder.encode_kept(groups, ~mask, embed_all=self.embed_masked_patches).tokens
         masked_centers = groups.centers[mask].reshape(batch, -1, 3)
         visible_centers = groups.centers[~mask].reshape(batch, -1, 3)
         features = self.decoder.decode(visible, visible_centers, masked_centers)  # (B, M, D)

@@ -31,6 +31,10 @@ class PointMAE(PretrainModule):
         decoder_num_heads: decoder attention heads (default: the encoder's).
         decoder_drop_path: stochastic depth of the decoder.
         loss: ``"cdl2"`` (official) or ``"cdl1"`` Chamfer variant.
+        embed_masked_patches: also run the mini-PointNet on the masked patches and discard their tokens, as
+            the official code does. By default only the visible patches are embedded (40 % of the
+            mini-PointNet's work at mask ratio 0.6); the only difference is which patches the tokenizer's
+            BatchNorm takes its training-mode batch statistics from (see ``PointViT.encode_kept``).
         **kwargs: optimiser, schedule, data contract and seed (see :class:`PretrainModule`).
     """
 
@@ -47,6 +51,7 @@ class PointMAE(PretrainModule):
         decoder_num_heads: int | None = None,
         decoder_drop_path: float = 0.1,
         loss: Literal["cdl2", "cdl1"] = "cdl2",
+        embed_masked_patches: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(encoder, **kwargs)
@@ -61,6 +66,7 @@ class PointMAE(PretrainModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.mask_ratio = mask_ratio
         self.mask_type = mask_type
+        self.embed_masked_patches = embed_masked_patches
         self.loss_variant: Literal["l1", "l2"] = "l2" if loss == "cdl2" else "l1"
         self.decoder = MAEDecoder(
             self.encoder.spec.embed_dim,
@@ -80,19 +86,18 @@ class PointMAE(PretrainModule):
             batch, num_groups, self.mask_ratio, device=groups.centers.device, generator=generator
         )
 
-    def reconstruct(self, groups: PatchGroups, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Encodes visible patches and predicts masked ones.
+    def reconstruct(self, groups: PatchGroups, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Embeds and encodes the visible patches and predicts the masked ones.
 
         Args:
             groups: patches of the batch (centres (B, G, 3), neighbourhoods (B, G, K, 3)).
-            tokens: (B, G, D) patch embeddings.
             mask: bool (B, G), True = masked, equal count per row.
 
         Returns:
             (prediction (B, M, K, 3), target (B, M, K, 3)), both centre-relative.
         """
         batch = mask.shape[0]
-        visible = self.encoder(tokens, groups.centers, keep=~mask).tokens
+        visible = self.encoder.encode_kept(groups, ~mask, embed_all=self.embed_masked_patches).tokens
         masked_centers = groups.centers[mask].reshape(batch, -1, 3)
         visible_centers = groups.centers[~mask].reshape(batch, -1, 3)
         prediction = self.decoder(visible, visible_centers, masked_centers)
@@ -103,10 +108,10 @@ class PointMAE(PretrainModule):
         self, points: Tensor, mask: Tensor | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
         """Point-MAE loss of a batch of clouds (B, N, 3), with a given or freshly drawn mask."""
-        groups, tokens = self.encoder.tokenize(points, generator=generator)  # used by fps_start="random"
+        groups = self.encoder.group(points, generator=generator)  # used by fps_start="random"
         if mask is None:
             mask = self.make_mask(groups, generator)
-        prediction, target = self.reconstruct(groups, tokens, mask)
+        prediction, target = self.reconstruct(groups, mask)
         return chamfer_distance(
             prediction.flatten(0, 1).float(), target.flatten(0, 1).float(), variant=self.loss_variant
         )

@@ -77,8 +77,12 @@ class MaskedTokenDecoder(nn.Module):
         batch, num_masked, _ = masked_centers.shape
         x = torch.cat([visible, self.mask_token.expand(batch, num_masked, -1).to(visible.dtype)], dim=1)
         pos = self.pos_embed(torch.cat([visible_centers, masked_centers], dim=1))
-        x, _ = run_blocks(self.blocks, x, pos)
-        features: Tensor = self.norm(x[:, -num_masked:])
+        *first, last = self.blocks
+        if not isinstance(last, Block):
+            raise TypeError(f"the decoder's blocks must be Blocks, got {type(last).__name__}")
+        x, _ = run_blocks(first, x, pos)
+        # Only the masked tokens of the last block are read: its other rows are not computed.
+        features: Tensor = self.norm(last.forward_tail(x + pos, num_masked))
         return features
 
 

@@ -194,6 +194,23 @@ class Attention(nn.Module):
         proj: Tensor = self.proj(out.transpose(1, 2).reshape(batch, length, dim))
         return proj
 
+    def forward_tail(self, x: Tensor, count: int) -> Tensor:
+        """``forward(x)[:, -count:]``, computing queries and the output projection for those tokens only.
+
+        Shapes: x (B, L, dim) -> (B, count, dim). Keys and values still come from all L tokens.
+        """
+        batch, length, dim = x.shape
+        heads, head_dim = self.num_heads, dim // self.num_heads
+        bias = self.qkv.bias
+        q = F.linear(x[:, -count:], self.qkv.weight[:dim], None if bias is None else bias[:dim])
+        kv = F.linear(x, self.qkv.weight[dim:], None if bias is None else bias[dim:])
+        k, v = kv.reshape(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q = q.reshape(batch, count, heads, head_dim).transpose(1, 2)
+        drop = self.attn_drop if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        proj: Tensor = self.proj(out.transpose(1, 2).reshape(batch, count, dim))
+        return proj
+
 
 class CrossAttention(nn.Module):
     """Multi-head attention from queries to a context sequence (keys and values), bias-free q/k/v.
@@ -297,6 +314,18 @@ class Block(nn.Module):
     def _branch(self, out: Tensor, scale: nn.Module) -> Tensor:
         result: Tensor = self.drop_path(scale(self.dropout(out)))
         return result
+
+    def forward_tail(self, x: Tensor, count: int) -> Tensor:
+        """``forward(x)[:, -count:]``: the last ``count`` tokens' outputs, attending to all tokens.
+
+        A pre-norm block without adapters computes the queries, the output projection and the MLP for those
+        tokens only (the Point-MAE decoder keeps only the masked tokens of its last block: 60 % of its rows);
+        other blocks run in full and are sliced. Shapes: x (B, L, dim) -> (B, count, dim).
+        """
+        if not self.norm_first or len(self.adapters):
+            return self(x)[:, -count:]
+        y = x[:, -count:] + self._branch(self.attn.forward_tail(self.norm1(x), count), self.ls1)
+        return y + self._branch(self.mlp(self.norm2(y)), self.ls2)
 
     def forward(self, x: Tensor, *, context: Any = None, attn_mask: Tensor | None = None) -> Tensor:
         """Shapes: x (B, L, dim) -> (B, L, dim); ``context`` goes to the adapters only."""

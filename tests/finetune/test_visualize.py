@@ -153,9 +153,9 @@ def test_rebuilt_point_mae_matches_the_method(ws):
     assert rec.mask.shape == (3, 8)
     assert (rec.mask.sum(axis=1) == 4).all()
     with torch.no_grad():
-        groups, tokens = method.encoder.tokenize(torch.from_numpy(clouds))
+        groups = method.encoder.group(torch.from_numpy(clouds))
         mask = torch.from_numpy(rec.mask)
-        prediction, target = method.reconstruct(groups, tokens, mask)
+        prediction, target = method.reconstruct(groups, mask)
     expected = place_patches(
         groups.centers[mask].reshape(3, -1, 3).numpy().reshape(-1, 3),
         prediction.numpy().reshape(-1, 8, 3),

@@ -102,3 +102,38 @@ def test_empty_group_is_left_out_and_errors():
 def test_is_no_decay_scalars():
     assert is_no_decay("logit_scale", 0)
     assert not is_no_decay("blocks.0.mlp.fc1.weight", 2)
+
+
+def test_a_module_named_tokenizer_is_decayed_like_the_official_encoder():
+    """pcpt's ``tokenizer.*`` is the official ``encoder.*`` (mini-PointNet): its conv weights are decayed."""
+    from pretrain.encoders.spec import PointViTSpec
+    from pretrain.methods.point_mae import PointMAE
+
+    model = PointMAE(PointViTSpec.named("tiny"), decoder_depth=1)
+    decay, no_decay = split_decay_names(model)
+    assert "encoder.tokenizer.first_conv.0.weight" in decay
+    assert "encoder.tokenizer.second_conv.3.weight" in decay
+    assert {"decoder.mask_token", "encoder.tokenizer.first_conv.1.weight"} <= set(no_decay)
+
+
+def _train(optimizer_factory, steps: int = 4) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 3))
+    optimizer = optimizer_factory(param_groups(model))
+    data = torch.randn(16, 5, generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(data).square().mean().backward()
+        optimizer.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_adamw_is_fused_on_cpu_and_computes_torchs_op_by_op_update():
+    from pretrain.optim import AdamW
+
+    assert AdamW(nn.Linear(2, 2).parameters()).defaults["fused"] is True
+    assert not AdamW(nn.Linear(2, 2).parameters(), fused=False).defaults["fused"]
+    fused = _train(lambda groups: AdamW(groups, lr=1e-2))
+    reference = _train(lambda groups: torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.05, foreach=False))
+    for a, b in zip(fused, reference, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

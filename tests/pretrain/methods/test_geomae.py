@@ -100,3 +100,12 @@ def test_fit_through_the_cli_exports_an_encoder_that_loads_strictly(demo: Path, 
     exported, _ = load_encoder(tmp_path / "exported")
     for (key, a), (_, b) in zip(encoder.state_dict().items(), exported.state_dict().items()):
         torch.testing.assert_close(a, b, msg=key)
+
+
+@pytest.mark.parametrize("embed_masked", [False, True])
+def test_only_visible_patches_are_embedded_unless_asked(embed_masked: bool) -> None:
+    model = tiny_model(embed_masked_patches=embed_masked).train()
+    shapes: list[tuple[int, ...]] = []
+    model.encoder.tokenizer.register_forward_pre_hook(lambda _m, args: shapes.append(tuple(args[0].shape)))
+    model.loss_terms(torch.rand(2, 128, 3, generator=torch.Generator().manual_seed(0)))
+    assert shapes == [(2, 16 if embed_masked else 16 - int(0.6 * 16), 8, 3)]

@@ -84,10 +84,10 @@ def test_training_gradients_reach_encoder_and_decoder(gen: torch.Generator) -> N
 
 
 def test_prediction_shapes_and_mask_count(model: PointMAE, gen: torch.Generator) -> None:
-    groups, tokens = model.encoder.tokenize(torch.rand(3, 128, 3, generator=gen))
+    groups = model.encoder.group(torch.rand(3, 128, 3, generator=gen))
     mask = model.make_mask(groups, gen)
     assert mask.sum(1).tolist() == [int(0.6 * 16)] * 3
-    pred, target = model.reconstruct(groups, tokens, mask)
+    pred, target = model.reconstruct(groups, mask)
     assert pred.shape == target.shape == (3, int(0.6 * 16), 8, 3)
 
 
@@ -119,3 +119,66 @@ def test_random_fps_start_draws_from_the_step_generator_only() -> None:
     with torch.no_grad():
         other = model.loss_for(xyz, generator=torch.Generator().manual_seed(8))
     assert not torch.equal(other, losses[0])  # the start (and the mask) follow the generator
+
+
+def _embedded_shapes(model: PointMAE) -> list[tuple[int, ...]]:
+    """Records the (B, G', K, 3) inputs of the encoder's mini-PointNet."""
+    shapes: list[tuple[int, ...]] = []
+    model.encoder.tokenizer.register_forward_pre_hook(lambda _m, args: shapes.append(tuple(args[0].shape)))
+    return shapes
+
+
+@pytest.mark.parametrize("embed_masked", [False, True])
+def test_only_visible_patches_are_embedded_unless_asked(embed_masked: bool, gen: torch.Generator) -> None:
+    model = PointMAE(PointViTSpec.named("tiny"), decoder_depth=1, embed_masked_patches=embed_masked).train()
+    shapes = _embedded_shapes(model)
+    model.loss_for(torch.rand(3, 128, 3, generator=gen), generator=gen)
+    visible = 16 - int(0.6 * 16)
+    assert shapes == [(3, 16 if embed_masked else visible, 8, 3)]
+
+
+def test_visible_only_embedding_is_the_official_loss_in_eval_mode(gen: torch.Generator) -> None:
+    """With BatchNorm's running statistics the tokens do not depend on which other patches were embedded."""
+    torch.manual_seed(0)
+    model = PointMAE(PointViTSpec.named("tiny"), decoder_depth=1, decoder_drop_path=0.0)
+    xyz = torch.rand(2, 128, 3, generator=gen) * 2 - 1
+    model.train()
+    for _ in range(3):  # running statistics away from their initial values
+        model.loss_for(xyz, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    mask = random_group_mask(2, 16, 0.6, generator=gen)
+    with torch.no_grad():
+        visible_only = model.loss_for(xyz, mask)
+        model.embed_masked_patches = True
+        official = model.loss_for(xyz, mask)
+    torch.testing.assert_close(visible_only, official, atol=1e-6, rtol=1e-6)
+
+
+def test_training_mode_batch_statistics_come_from_the_visible_patches(gen: torch.Generator) -> None:
+    torch.manual_seed(0)
+    spec = PointViTSpec.named("tiny", drop_path=0.0)
+    model = PointMAE(spec, decoder_depth=1, decoder_drop_path=0.0).train()
+    xyz = torch.rand(2, 128, 3, generator=gen) * 2 - 1
+    mask = random_group_mask(2, 16, 0.6, generator=gen)
+    loss = model.loss_for(xyz, mask)
+    with torch.no_grad():  # reference: the visible neighbourhoods alone through the train-mode tokenizer
+        groups = model.encoder.group(xyz)
+        visible_patches = groups.neighborhoods[~mask].reshape(2, -1, 8, 3)
+        tokens = model.encoder.embed(visible_patches)
+        visible = model.encoder(tokens, groups.centers[~mask].reshape(2, -1, 3)).tokens
+        centers = groups.centers
+        pred = model.decoder(visible, centers[~mask].reshape(2, -1, 3), centers[mask].reshape(2, -1, 3))
+        target = groups.neighborhoods[mask].reshape_as(pred)
+        expected = _chamfer_l2_reference(pred.flatten(0, 1), target.flatten(0, 1))
+    torch.testing.assert_close(loss.detach().double(), expected, atol=1e-6, rtol=1e-6)
+    model.embed_masked_patches = True  # the official statistics (all 16 patches) give another loss
+    assert abs(float(model.loss_for(xyz, mask)) - float(loss)) > 1e-6
+
+
+def test_unequal_keep_counts_are_rejected(gen: torch.Generator) -> None:
+    model = PointMAE(PointViTSpec.named("tiny"), decoder_depth=1)
+    groups = model.encoder.group(torch.rand(2, 128, 3, generator=gen))
+    keep = torch.zeros(2, 16, dtype=torch.bool)
+    keep[0, :3], keep[1, :4] = True, True
+    with pytest.raises(ValueError, match="same number of tokens per row"):
+        model.encoder.encode_kept(groups, keep)

@@ -153,3 +153,44 @@ def test_run_blocks_adds_positions_before_every_block_or_once(gen: torch.Generat
     torch.testing.assert_close(captured[0], blocks[0](x + pos))
     once, _ = run_blocks(blocks, x, pos, pos_every_block=False)
     torch.testing.assert_close(once, blocks[1](blocks[0](x + pos)))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        BlockOptions(),
+        BlockOptions(qkv_bias=True, layer_scale=0.5),
+        BlockOptions(norm_first=False),
+    ],
+    ids=["pre-norm", "qkv-bias-layer-scale", "post-norm"],
+)
+def test_block_tail_is_the_slice_of_the_full_output(options: BlockOptions) -> None:
+    torch.manual_seed(0)
+    block = Block(16, 4, options=options, drop_path=0.4).train()
+    x = torch.randn(3, 9, 16, requires_grad=True)
+    torch.manual_seed(5)  # the same drop-path draws in both
+    full = block(x)[:, -4:]
+    torch.manual_seed(5)
+    tail = block.forward_tail(x, 4)
+    torch.testing.assert_close(tail, full, atol=1e-6, rtol=1e-5)
+    (grad_full,) = torch.autograd.grad(full.square().sum(), x)
+    (grad_tail,) = torch.autograd.grad(tail.square().sum(), x)
+    torch.testing.assert_close(grad_tail, grad_full, atol=1e-5, rtol=1e-4)
+
+
+def test_block_tail_with_an_adapter_runs_the_full_block() -> None:
+    torch.manual_seed(0)
+    block = Block(16, 4).eval()
+    block.attach_adapter("output", _ContextFree(torch.nn.Linear(16, 16)))
+    x = torch.randn(2, 7, 16)
+    torch.testing.assert_close(block.forward_tail(x, 3), block(x)[:, -3:])
+
+
+class _ContextFree(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor, context: object) -> torch.Tensor:
+        out: torch.Tensor = self.inner(x)
+        return out
