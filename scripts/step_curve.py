@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="JSON report to write")
     parser.add_argument("--plot", type=Path, help="PNG to write")
     parser.add_argument("--skip-last", action="store_true", help="ignore last.ckpt (a copy of a step's)")
+    parser.add_argument("--steps", help="comma-separated steps to evaluate (default: every checkpoint's)")
     args = parser.parse_args(argv)
     paths = sorted(args.checkpoints.glob("*.ckpt"))
     if args.skip_last:
@@ -99,20 +100,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: episode file {args.episodes} does not exist", file=sys.stderr)
         return 2
     by_step = {checkpoint_step(p): p for p in paths}
+    if args.steps:
+        wanted = {int(step) for step in args.steps.split(",")}
+        missing = sorted(wanted - set(by_step))
+        if missing:
+            print(f"error: no checkpoint of step(s) {missing} in {args.checkpoints}", file=sys.stderr)
+            return 2
+        by_step = {step: path for step, path in by_step.items() if step in wanted}
+    # Rows already in --out (same data and episodes) are kept: an interrupted curve goes on where it stopped.
+    report: dict[str, Any] = {"data": args.data, "episodes": str(args.episodes), "rows": []}
+    report["random_init"] = None
+    if args.out.is_file():
+        previous = json.loads(args.out.read_text())
+        if (previous.get("data"), previous.get("episodes")) == (report["data"], report["episodes"]):
+            report = previous
+    done = {row["step"] for row in report["rows"]}
     work = args.out.parent / (args.out.stem + "_artifacts")
-    rows = []
-    for step in sorted(by_step):
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for step in sorted(set(by_step) - done):
         artifact = work / f"step-{step}"
         if artifact.exists():
             shutil.rmtree(artifact)
         subprocess.run(["pcpt-pretrain", "export", str(by_step[step]), str(artifact)], check=True)
         row = {"step": step, "checkpoint": str(by_step[step]), **evaluate(artifact, args.data, args.episodes)}
         print(json.dumps(row), file=sys.stderr)
-        rows.append(row)
-    baseline = evaluate(args.random_init, args.data, args.episodes) if args.random_init else None
-    report = {"data": args.data, "episodes": str(args.episodes), "rows": rows, "random_init": baseline}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+        report["rows"] = sorted([*report["rows"], row], key=lambda r: r["step"])
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.random_init and report["random_init"] is None:
+        report["random_init"] = evaluate(args.random_init, args.data, args.episodes)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
+    rows, baseline = report["rows"], report["random_init"]
     if args.plot:
         plot(rows, baseline, args.plot)
     print(json.dumps(report))

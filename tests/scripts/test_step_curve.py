@@ -92,3 +92,30 @@ def test_missing_episode_file_is_named(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 2
     assert "none.json" in done.stderr
+
+
+def test_a_step_without_checkpoint_is_named(tmp_path: Path) -> None:
+    for step in (2, 4):
+        torch.save({"global_step": step}, tmp_path / f"s{step}.ckpt")
+    (tmp_path / "episodes.json").write_text("{}")
+    cmd = [sys.executable, str(REPO / "scripts/step_curve.py"), str(tmp_path), "--data", "x"]
+    cmd += ["--steps", "2,3"]
+    done = subprocess.run(
+        [*cmd, "--episodes", str(tmp_path / "episodes.json"), "--out", str(tmp_path / "o.json")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "[3]" in done.stderr
+
+
+def test_rows_already_in_the_report_are_not_evaluated_again(tmp_path: Path) -> None:
+    torch.save({"global_step": 2}, tmp_path / "s2.ckpt")
+    (tmp_path / "episodes.json").write_text("{}")
+    out = tmp_path / "o.json"
+    row = {"step": 2, "svm_test_accuracy": 0.5, "fewshot_mean": 0.6}
+    report = {"data": "x", "episodes": str(tmp_path / "episodes.json"), "rows": [row], "random_init": None}
+    out.write_text(json.dumps(report))
+    cmd = [sys.executable, str(REPO / "scripts/step_curve.py"), str(tmp_path), "--data", "x"]
+    # "x" is no shard folder: any evaluation would fail, so a zero exit means nothing was re-evaluated
+    subprocess.run([*cmd, "--episodes", str(tmp_path / "episodes.json"), "--out", str(out)], check=True)
+    assert json.loads(out.read_text())["rows"] == [row]
