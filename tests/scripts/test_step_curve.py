@@ -38,13 +38,14 @@ TINY_FIT = [
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a dozen command-line runs, each importing torch
 def test_curve_of_kept_checkpoints_in_step_order(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     shards = write_shape_shards(tmp_path / "shards", 3, {"train": 6, "test": 3}, POINTS, rng)
     ckpts = tmp_path / "ckpts"
     checkpoint = (
         '{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": '
-        f'{{"dirpath": "{ckpts}", "save_top_k": -1, "every_n_train_steps": 2, "every_n_epochs": 0, '
+        f'{{"dirpath": "{ckpts}", "save_top_k": -1, "every_n_train_steps": 4, "every_n_epochs": 0, '
         '"filename": "s{step}"}}'
     )
     status = pretrain_main(
