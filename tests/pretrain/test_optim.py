@@ -137,3 +137,13 @@ def test_adamw_is_fused_on_cpu_and_computes_torchs_op_by_op_update():
     reference = _train(lambda groups: torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.05, foreach=False))
     for a, b in zip(fused, reference, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_adamw_takes_groups_whose_params_are_iterators():
+    from pretrain.optim import AdamW
+
+    model = nn.Linear(3, 2)
+    groups = [{"params": iter([model.weight])}, {"params": model.bias, "weight_decay": 0.0}]
+    optimizer = AdamW(groups)
+    assert [len(g["params"]) for g in optimizer.param_groups] == [1, 1]
+    assert optimizer.defaults["fused"] is True
