@@ -52,6 +52,7 @@ def add_eval_parser(
     help: str,
     description: str,
     num_points_help: str,
+    artifact_help: str = "encoder artifact directory",
 ) -> argparse.ArgumentParser:
     """Adds an evaluation subcommand with the arguments every one takes; returns its parser.
 
@@ -61,7 +62,7 @@ def add_eval_parser(
     default.
     """
     p: argparse.ArgumentParser = subparsers.add_parser(name, help=help, description=description)
-    p.add_argument("artifact", metavar="ART", type=Path, help="encoder artifact directory")
+    p.add_argument("artifact", metavar="ART", type=Path, help=artifact_help)
     p.add_argument(
         "--data",
         required=True,
@@ -123,8 +124,14 @@ class EvalSetup:
     warnings: list[str]
 
 
-def load_setup(args: argparse.Namespace) -> EvalSetup:
+def load_setup(args: argparse.Namespace, spec: Any = None) -> EvalSetup:
     """Loads the artifact and the manifest of ``args`` and checks them against each other.
+
+    Args:
+        args: the parsed command line (``artifact``, ``data``, ``num_points``, ``device``).
+        spec: an encoder spec (``pretrain.encoders.EncoderSpec``) to build instead of loading the artifact,
+            for protocols that train a fresh encoder per fold from a config; it has no data contract, so
+            only the data's own checks apply (``args.num_points``, default 1024).
 
     Raises:
         UserError: missing artifact or manifest, a data-contract mismatch, or too few points per cloud.
@@ -135,12 +142,22 @@ def load_setup(args: argparse.Namespace) -> EvalSetup:
     from pretrain.checkpoint import WeightsMismatchError, load_encoder
 
     artifact = Path(args.artifact)
-    if not artifact.exists():
+    if spec is not None:
+        from pretrain.encoders import build_encoder
+
+        try:
+            encoder = build_encoder(spec)
+        except (OSError, ValueError) as err:
+            raise UserError(f"{artifact}: cannot build its encoder: {err}") from err
+        method = f"{spec.arch} (built from {artifact.name})"
+        meta: dict[str, Any] = {"spec": spec.to_dict(), "provenance": {"method": method}}
+    elif not artifact.exists():
         raise UserError(f"{artifact}: no such encoder artifact")
-    try:
-        encoder, meta = load_encoder(artifact)
-    except WeightsMismatchError as err:
-        raise UserError(str(err)) from err
+    else:
+        try:
+            encoder, meta = load_encoder(artifact)
+        except WeightsMismatchError as err:
+            raise UserError(str(err)) from err
     data: str | Path = args.data
     if not is_url(data) and not (Path(data) / "manifest.json").is_file():
         raise UserError(f"{data}: no manifest.json; not a pcpt shard directory (see pcpt-data convert/synth)")
@@ -148,8 +165,12 @@ def load_setup(args: argparse.Namespace) -> EvalSetup:
     contract = meta.get("data_contract") or {}
     requested = args.num_points
     num_points = int(requested if requested is not None else contract.get("num_points", 1024))
-    warnings = check_data_contract(
-        meta, num_points, manifest_normalization(manifest), allow_num_points_change=requested is not None
+    warnings = (
+        []
+        if spec is not None
+        else check_data_contract(
+            meta, num_points, manifest_normalization(manifest), allow_num_points_change=requested is not None
+        )
     )
     if num_points < encoder.min_points:
         raise UserError(

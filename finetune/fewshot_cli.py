@@ -43,8 +43,13 @@ def add_fewshot_parser(subparsers: Any) -> argparse.ArgumentParser:
         "linear SVC (C=1) fitted on each episode's support features, accuracy on its queries; nothing is "
         "tuned. Protocol 'finetune': the encoder is finetuned with a fresh head on each support set "
         "(--epochs, official 150) and the queries are evaluated once after the last epoch. Reports mean ± "
-        "sample std (ddof=1) over the folds.",
-        num_points_help="points per cloud (default: the artifact's data contract)",
+        "sample std (ddof=1) over the folds. With --protocol finetune, ART may also be a finetune config "
+        "(YAML, e.g. configs/finetune/any2point_minilm.yaml): every fold then builds its model.encoder "
+        "afresh (Any2Point: only the tokenizer, adapters, CLS, norm and head train on the frozen source) "
+        "and nothing is recorded.",
+        num_points_help="points per cloud (default: the artifact's data contract; 1024 for a config)",
+        artifact_help="encoder artifact directory, or with --protocol finetune a finetune config YAML whose "
+        "model.encoder is trained afresh in every fold",
     )
     p.add_argument("--way", type=positive_int, default=None, metavar="W", help="classes per episode")
     p.add_argument("--shot", type=positive_int, default=None, metavar="S", help="support clouds per class")
@@ -67,6 +72,20 @@ def add_fewshot_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="training epochs per fold for --protocol finetune (default: %(default)s)",
     )
     p.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=10.0,
+        help="linear warmup epochs of each fold for --protocol finetune (default: %(default)s, of 150)",
+    )
+    p.add_argument(
+        "--encoder-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="with a config as ART: replace a field of its model.encoder (VALUE read as YAML, e.g. "
+        "tokenizer_k=16 or guided=false); repeatable",
+    )
+    p.add_argument(
         "--query-split",
         choices=("test", "train"),
         default="test",
@@ -84,7 +103,8 @@ def run_fewshot_command(args: argparse.Namespace) -> int:
 
     if args.episodes is None and (args.way is None or args.shot is None):
         raise UserError("fewshot: --way and --shot are required unless --episodes FILE is given")
-    setup = eval_cli.load_setup(args)
+    spec, head = _config_spec(args)
+    setup = eval_cli.load_setup(args, spec)
     classes = [str(c) for c in setup.manifest.get("classes", [])]
     if not classes:
         raise UserError(f"{args.data}: the manifest lists no classes; few-shot needs labelled data")
@@ -147,11 +167,14 @@ def run_fewshot_command(args: argparse.Namespace) -> int:
         s_rows = {k: s_xyz[i] for i, k in enumerate(s_keys)}
         q_rows = {k: q_xyz[i] for i, k in enumerate(q_keys)}
         result = run_fewshot_finetune(
-            args.artifact,
+            None if spec is not None else args.artifact,
             episodes,
+            encoder=spec,
+            head=head,
             support_clouds=s_rows,
             query_clouds=q_rows,
             epochs=args.epochs,
+            warmup_epochs=args.warmup_epochs,
             batch_size=min(args.batch_size, 32),
             accelerator="gpu" if setup.device == "cuda" else "cpu",
         )
@@ -175,6 +198,58 @@ def run_fewshot_command(args: argparse.Namespace) -> int:
     return _report(args, setup, result, warnings)
 
 
+def _config_spec(args: argparse.Namespace) -> tuple[Any, str]:
+    """The encoder spec and head of ART when it is a config file, else ``(None, "mae")``.
+
+    A config is accepted with the finetune protocol only, and nothing is recorded (there is no artifact).
+
+    A config's ``data.num_points`` becomes the default of ``--num-points``.
+
+    Raises:
+        UserError: a config with the svm protocol, or a config without a valid encoder spec.
+    """
+    from finetune.fewshot_finetune import encoder_spec_from_config
+
+    path = Path(args.artifact)
+    if not (path.is_file() and path.suffix in (".yaml", ".yml")):
+        if args.encoder_set:
+            raise UserError("--encoder-set needs a finetune config as ART, not an encoder artifact")
+        return None, "mae"
+    if args.protocol != "finetune":
+        raise UserError(
+            f"{path}: a config has no trained encoder to take features from; use an encoder artifact, "
+            "or --protocol finetune to train the config's encoder in every fold"
+        )
+    try:
+        config = encoder_spec_from_config(path, _encoder_overrides(args.encoder_set))
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    args.record = False  # no artifact to record in
+    if args.num_points is None:
+        args.num_points = config.num_points
+    return config.spec, config.head
+
+
+def _encoder_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` pairs of ``--encoder-set`` as a mapping (values read as YAML scalars or lists).
+
+    Raises:
+        UserError: a pair without ``=`` or with a value that is not valid YAML.
+    """
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        field, sep, value = pair.partition("=")
+        if not sep or not field.strip():
+            raise UserError(f"--encoder-set {pair!r}: expected FIELD=VALUE, e.g. tokenizer_k=16")
+        try:
+            out[field.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise UserError(f"--encoder-set {pair!r}: the value is not valid YAML: {err}") from err
+    return out
+
+
 def _report(
     args: argparse.Namespace, setup: eval_cli.EvalSetup, result: FewShotResult, warnings: Sequence[str]
 ) -> int:
@@ -187,7 +262,7 @@ def _report(
         **result.to_dict(),
     }
     if result.protocol == "finetune":
-        protocol = f"finetune: full finetuning per fold, {result.params}"
+        protocol = f"finetune: {result.params.get('trains', 'full finetuning')} per fold, {result.params}"
     else:
         protocol = (
             f"{result.protocol}: {result.params.get('classifier')} C={result.params.get('C')} "
