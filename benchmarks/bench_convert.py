@@ -1,6 +1,10 @@
 """Conversion throughput of ``pcpt-data convert`` with 1 and 2 local workers.
 
-Prints one JSON document to stdout with, per case and worker count, samples/s and samples/s per worker:
+Prints one JSON document to stdout with, per case and worker count, samples/s, samples/s per worker and
+where the CPU time went: ``main_cpu_s`` (user + system seconds of the converting process: planning,
+appending the workers' ready tar blocks, hashing, progress records) and ``workers_cpu_s`` (user + system
+seconds of the pool's worker processes, reaped by ``engine.close()`` inside the case; 0 with one worker,
+which runs in the main process):
 
 * ``meshes``: ``mesh-folder`` on generated meshes (open3d primitives, midpoint-subdivided, randomly scaled,
   written as ``.off`` and ``.ply`` under class folders in a temporary directory) -> ``--points`` surface
@@ -20,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -101,6 +106,12 @@ def subset_tree(src: Path, dst: Path, per_class: int) -> Path:
     return dst
 
 
+def cpu_seconds(who: int) -> float:
+    """User + system CPU seconds of ``resource.RUSAGE_SELF`` or ``RUSAGE_CHILDREN`` (reaped children)."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_case(fmt: str, src: Path, workers: int, points: int | None, tmp: Path) -> dict[str, Any]:
     converter = get_converter(fmt)
     base = ConvertOptions(format=fmt, src=str(src.resolve()))
@@ -108,12 +119,15 @@ def run_case(fmt: str, src: Path, workers: int, points: int | None, tmp: Path) -
     out = tmp / f"out-{fmt}-{workers}"
     shutil.rmtree(out, ignore_errors=True)
     engine = LocalEngine(workers)
+    main_cpu, workers_cpu = cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     try:
         report = convert(converter, options, out, engine)
     finally:
-        engine.close()
+        engine.close()  # joins the pool's workers, so their CPU time is in RUSAGE_CHILDREN
     elapsed = time.perf_counter() - start
+    main_cpu = cpu_seconds(resource.RUSAGE_SELF) - main_cpu
+    workers_cpu = cpu_seconds(resource.RUSAGE_CHILDREN) - workers_cpu
     samples = sum(report.samples.values())
     shutil.rmtree(out, ignore_errors=True)
     return {
@@ -124,6 +138,8 @@ def run_case(fmt: str, src: Path, workers: int, points: int | None, tmp: Path) -
         "elapsed_s": round(elapsed, 2),
         "samples_per_s": round(samples / elapsed, 2),
         "samples_per_s_per_worker": round(samples / elapsed / workers, 2),
+        "main_cpu_s": round(main_cpu, 2),
+        "workers_cpu_s": round(workers_cpu, 2),
     }
 
 

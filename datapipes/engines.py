@@ -10,7 +10,10 @@ or the node.
 
 - :class:`LocalEngine` with ``workers=1`` runs in the calling process; with ``workers>1`` it uses a
   ``spawn`` process pool (safe with open3d and threads) and small chunks inside each job for load balance.
-  Its workers exit on their own when the process that started them dies, even by ``SIGKILL``.
+  Its workers exit on their own when the process that started them dies, even by ``SIGKILL``, and each
+  runs its native libraries on one thread (:func:`limit_worker_threads`: torch, BLAS/OpenMP through
+  threadpoolctl and the ``*_NUM_THREADS`` variables, numba), so ``N`` workers keep ``N`` cores busy instead
+  of oversubscribing them; ``workers=1`` keeps the calling process's thread settings.
 - :class:`RayEngine` runs the same function through Ray Data (``ray.data.from_items(...).map_batches(...)``)
   on a local Ray instance, or on the cluster at ``address``. Ray is an optional extra
   (``pip install pcpt[ray]``) imported only here. Results travel back as ``.npz`` bytes
@@ -23,12 +26,14 @@ or the node.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -128,6 +133,60 @@ def exit_with_parent(parent: int) -> None:
     threading.Thread(target=_watch_parent, args=(parent,), name="pcpt-parent-watch", daemon=True).start()
 
 
+WORKER_THREAD_ENV = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "NUMBA_NUM_THREADS",
+)
+"""Environment variables a pool worker sets to ``1``, for native libraries it loads later (open3d, torch)."""
+
+_thread_limits: Any = None
+"""The worker's ``threadpoolctl.threadpool_limits`` object, kept alive (and so in force) for its lifetime."""
+
+
+def limit_worker_threads() -> None:
+    """Pool-worker initializer part: one thread per worker for every native thread pool it can reach.
+
+    ``N`` pool workers on ``N`` cores each starting one thread per core for BLAS, OpenMP, torch or numba
+    would oversubscribe the machine; the parallelism is the pool. So a worker sets the
+    :data:`WORKER_THREAD_ENV` variables to ``1`` (libraries loaded later read them: open3d's and torch's
+    OpenMP, numba), limits the BLAS/OpenMP libraries already loaded (NumPy's) to one thread with
+    ``threadpoolctl`` (when installed; the limit object is kept for the process lifetime), and calls
+    ``torch.set_num_threads(1)`` and ``numba.set_num_threads(1)`` if they are already imported (torch is
+    not imported just for this: it takes seconds). Only pool workers call it; ``LocalEngine(workers=1)``
+    leaves the calling process as it is.
+    """
+    global _thread_limits
+    for name in WORKER_THREAD_ENV:
+        os.environ[name] = "1"
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: the variables above still cover libraries loaded from now on
+        pass
+    else:
+        _thread_limits = threadpool_limits(limits=1)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+    numba = sys.modules.get("numba")
+    if numba is not None:
+        with contextlib.suppress(RuntimeError, ValueError):  # no threading layer: numba stays serial anyway
+            numba.set_num_threads(1)
+
+
+def init_pool_worker(parent: int) -> None:
+    """Initializer of :class:`LocalEngine`'s pool workers: :func:`exit_with_parent` and one thread each.
+
+    Args:
+        parent: pid of the process that creates the pool.
+    """
+    exit_with_parent(parent)
+    limit_worker_threads()
+
+
 def _run_chunk(fn: ChunkFn, items: Sequence[Any]) -> list[dict[str, Any]]:
     results = fn(items)
     if len(results) != len(items):
@@ -137,6 +196,11 @@ def _run_chunk(fn: ChunkFn, items: Sequence[Any]) -> list[dict[str, Any]]:
 
 class LocalEngine:
     """In-process (``workers=1``) or ``spawn`` process-pool execution.
+
+    Pool workers (``workers>1``) are started with :func:`init_pool_worker`: each exits when the calling
+    process dies and runs torch, BLAS/OpenMP and numba on one thread (:func:`limit_worker_threads`), so
+    ``workers`` processes use ``workers`` cores. With ``workers=1`` the function runs in the calling process
+    with its own thread settings, unchanged.
 
     Args:
         workers: number of processes; 1 runs in the calling process.
@@ -183,7 +247,7 @@ class LocalEngine:
             self._pool = ProcessPoolExecutor(
                 max_workers=self.workers,
                 mp_context=get_context("spawn"),
-                initializer=exit_with_parent,
+                initializer=init_pool_worker,
                 initargs=(os.getpid(),),
             )
         pool = self._pool
@@ -233,11 +297,12 @@ class LocalEngine:
 def pack_result(result: Mapping[str, Any]) -> bytes:
     """Serialises a result dict to ``.npz`` bytes without pickle.
 
-    Arrays are stored as arrays, lists of ``bytes`` (images) as uint8 arrays, everything else as one JSON
-    document; :func:`unpack_result` inverts it exactly.
+    Arrays are stored as arrays, ``bytes`` values (e.g. a sample's pre-encoded tar members) and lists of
+    ``bytes`` (images) as uint8 arrays, everything else as one JSON document; :func:`unpack_result` inverts
+    it exactly (bytes come back byte for byte).
 
     Args:
-        result: a dict of ndarrays, lists of bytes and JSON-serialisable values.
+        result: a dict of ndarrays, bytes, lists of bytes and JSON-serialisable values.
 
     Returns:
         The ``.npz`` bytes.
@@ -248,6 +313,8 @@ def pack_result(result: Mapping[str, Any]) -> bytes:
     for name, value in result.items():
         if isinstance(value, np.ndarray):
             arrays[f"a/{name}"] = value
+        elif isinstance(value, bytes):
+            arrays[f"c/{name}"] = np.frombuffer(value, dtype=np.uint8)
         elif isinstance(value, list) and value and all(isinstance(v, bytes) for v in value):
             byte_lists[name] = len(value)
             for i, blob in enumerate(value):
@@ -278,6 +345,8 @@ def unpack_result(blob: bytes) -> dict[str, Any]:
         for entry in npz.files:
             if entry.startswith("a/"):
                 result[entry[2:]] = npz[entry]
+            elif entry.startswith("c/"):
+                result[entry[2:]] = npz[entry].tobytes()
     return result
 
 

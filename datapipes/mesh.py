@@ -90,6 +90,11 @@ def read_off(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     Polygons with more than three corners are fan-triangulated; ``#`` comments and blank lines are ignored;
     extra columns after the coordinates (colours) are ignored.
 
+    Plain files (no comments, every face with the same number of corners, nothing but numbers) are parsed
+    in bulk with NumPy (:func:`_read_off_fast`); any other file, and every malformed one, goes through the
+    line-by-line reader (:func:`_read_off_reference`), so results and error messages do not depend on the
+    path taken.
+
     Args:
         path: the ``.off`` file.
 
@@ -101,6 +106,121 @@ def read_off(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """
     path = Path(path)
     data = path.read_bytes()
+    fast = _read_off_fast(data)
+    return fast if fast is not None else _read_off_reference(path, data)
+
+
+_OFF_NUMBER_BYTES = b"0123456789eE+-. \t\n"
+_OFF_INDEX_BYTES = b"0123456789+- \t\n"
+
+
+def _read_off_fast(data: bytes) -> tuple[np.ndarray, np.ndarray] | None:
+    r"""Bulk NumPy parse of a plain, well-formed OFF file; ``None`` for anything else.
+
+    Handles files whose first line starts with ``OFF`` (counts on that line or the next one) and whose body
+    holds only numbers, spaces, tabs and line ends (``\r\n`` too): no comments, no ``nan``/``inf``,
+    blank lines allowed. The vertex block must hold exactly three numbers per vertex in all and the faces
+    the same corner count each, with exactly that many indices per line and all in range. Whatever does not
+    fit (extra columns, mixed polygons, comments, every error) returns ``None`` and is left to
+    :func:`_read_off_reference`, which then gives the result or the error message; when this returns, its
+    arrays equal the reference reader's.
+    """
+    if not data.startswith(b"OFF"):
+        return None
+    end = data.find(b"\n")
+    if end < 0:
+        return None
+    header, body = data[:end], data[end + 1 :]
+    if b"#" in header:
+        return None
+    if b"\r" in body:
+        body = body.replace(b"\r\n", b"\n")
+        if b"\r" in body:  # a lone carriage return is a line break for the reference reader
+            return None
+    try:
+        rest = header.decode("ascii")[3:].strip()
+    except UnicodeDecodeError:
+        return None
+    if not rest:  # the counts are on the next line
+        end = body.find(b"\n")
+        counts_line, body = (body, b"") if end < 0 else (body[:end], body[end + 1 :])
+        if b"#" in counts_line:
+            return None
+        try:
+            rest = counts_line.decode("ascii").strip()
+        except UnicodeDecodeError:
+            return None
+        if not rest:
+            return None
+    try:
+        nv, nf = _parse_counts(rest, Path())
+    except MeshError:
+        return None
+    if body.translate(None, _OFF_NUMBER_BYTES):
+        return None
+    raw = np.frombuffer(body, dtype=np.uint8)
+    breaks = np.flatnonzero(raw == ord("\n"))
+    starts = np.concatenate(([0], breaks + 1))
+    ends = np.concatenate((breaks, [len(raw)]))
+    filled = raw > ord(" ")  # the body holds only number characters, spaces, tabs and line ends
+    first = np.flatnonzero(filled[1:] & ~filled[:-1]) + 1  # where tokens start (after the first byte)
+    token_starts = np.concatenate(([0], first)) if filled.size and filled[0] else first
+    tokens = np.searchsorted(token_starts, ends) - np.searchsorted(token_starts, starts)  # per line
+    lines = np.flatnonzero(tokens)  # the non-blank lines
+    if len(lines) < nv + nf:
+        return None
+    if nv:
+        block = body[starts[lines[0]] : ends[lines[nv - 1]]].decode("ascii").split()
+        if len(block) != 3 * nv:
+            return None
+        try:
+            vertices = np.array(block, dtype=np.float64).reshape(-1, 3)
+        except ValueError:
+            return None
+    else:
+        vertices = np.zeros((0, 3), dtype=np.float64)
+    if not nf:
+        return vertices, np.zeros((0, 3), dtype=np.int64)
+    face_lines = lines[nv : nv + nf]
+    block_bytes = body[starts[face_lines[0]] : ends[face_lines[-1]]]
+    if block_bytes.translate(None, _OFF_INDEX_BYTES):
+        return None
+    try:
+        flat = np.fromstring(block_bytes.decode("ascii"), dtype=np.int64, sep=" ")  # type: ignore[call-overload]
+    except ValueError:  # a token that is not an integer
+        return None
+    corners = int(flat[0]) if flat.size else 0
+    width = corners + 1
+    if corners < 3 or flat.size != width * nf or np.any(tokens[face_lines] != width):
+        return None
+    table = flat.reshape(nf, width)
+    if np.any(table[:, 0] != corners):
+        return None
+    poly = table[:, 1:]
+    if poly.min() < 0 or poly.max() >= nv:  # also what an out-of-range (clamped) token becomes
+        return None
+    if corners == 3:
+        return vertices, poly.copy()
+    fans = np.empty((nf, corners - 2, 3), dtype=np.int64)
+    fans[:, :, 0] = poly[:, :1]
+    fans[:, :, 1] = poly[:, 1:-1]
+    fans[:, :, 2] = poly[:, 2:]
+    return vertices, fans.reshape(-1, 3)
+
+
+def _read_off_reference(path: Path, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The line-by-line OFF reader (see :func:`read_off`): every file, every error message.
+
+    Args:
+        path: the file (named in error messages).
+        data: its bytes.
+
+    Returns:
+        ``(vertices, faces)`` as :func:`read_off`.
+
+    Raises:
+        MeshError: empty, binary, truncated or malformed file, or face indices out of range.
+    """
     if not data:
         raise MeshError(f"{path}: empty file (0 bytes)")
     try:

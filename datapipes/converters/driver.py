@@ -4,7 +4,9 @@ Shard ``i`` of a split holds exactly items ``[i*S, (i+1)*S)`` of the split's (se
 (``S = shard_size``) minus the rejected ones, so a re-run recomputes only the shards that are not complete
 and verified: nothing is lost or duplicated. The per-item work runs on an engine (local processes or Ray,
 see :mod:`datapipes.engines`) and gives the same samples whatever the engine; the report says how many
-samples and rejections each node computed.
+samples and rejections each node computed. The workers also encode every sample into its tar blocks
+(``process_items(..., encode=True)``; the blocks travel as ``bytes``, also through Ray's ``.npz`` results),
+so this process only appends them to the shard, hashes and records it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from datapipes.files import printable
 
 if TYPE_CHECKING:  # datapipes.types imports torch, which per-item workers do not need
     from datapipes.shards import ShardSetWriter
-    from datapipes.types import Rejection, Sample
+    from datapipes.shards.samples import EncodedSample
+    from datapipes.types import Rejection
 
 __all__ = ["ConvertReport", "convert", "dumps_report", "resolve_options", "shuffled"]
 
@@ -272,7 +275,7 @@ def _run(
                 jobs.append(ShardJob(split, index, tuple(items[index * size : (index + 1) * size])))
     if on_total is not None:
         on_total(sum(len(job.items) for job in jobs))
-    fn = partial(process_items, options=options)
+    fn = partial(process_items, options=options, encode=True)  # workers encode; this process only writes
     written = 0
     seen: set[tuple[str, int]] = set()
     for done in engine.run(fn, jobs, progress):
@@ -284,7 +287,7 @@ def _run(
         if strict and rejected:
             first = rejected[0]
             raise UserError(f"{first['source']}: {first['reason']} (rejected under --strict)")
-        samples = [cast("Sample", r) for r in results if not is_rejection(r)]
+        samples = [cast("EncodedSample", r) for r in results if not is_rejection(r)]
         writer.write_shard(job.split, job.index, samples, rejected)
         _count_nodes(nodes, done)
         written += 1

@@ -5,7 +5,9 @@ sample meshes with a generator seeded from ``(seed, key)``, reduce to ``--points
 sphere, estimate normals and curvature, order by FPS, attach the label (only the FPS loops of equal-size
 clouds are batched, with per-cloud results independent of the batch). An item's output depends only on the
 item and the options, never on the chunk, the worker or the engine, so shards are byte-identical whatever
-ran them.
+ran them. With ``encode=True`` (what the conversion driver asks for) each sample also leaves the worker
+already encoded into its tar blocks (:func:`~datapipes.shards.samples.encode_for_shard`), so the process
+writing the shards only appends bytes and hashes them.
 
 Point-count policy (``--points N``): a mesh is sampled with exactly ``N`` points; a point set with more
 than ``N`` points is reduced to ``N`` by FPS (or by a seeded random subset with ``--no-fps``); a point set
@@ -38,6 +40,7 @@ from datapipes.converters.images import render_item
 from datapipes.files import printable
 from datapipes.geometry import fps_orders, normalize_unit_sphere
 from datapipes.mesh import MeshError, estimate_normals_curvature, sample_surface
+from datapipes.shards.samples import encode_for_shard
 
 if TYPE_CHECKING:  # datapipes.types imports torch, which per-item workers do not need
     from datapipes.types import Sample
@@ -213,7 +216,9 @@ def _reason(item: WorkItem, err: BaseException, stage: str = "unreadable") -> st
     return text if len(text) <= _REASON_CHARS else text[: _REASON_CHARS - 3] + "..."
 
 
-def process_items(items: Sequence[WorkItem], options: ConvertOptions) -> list[dict[str, Any]]:
+def process_items(
+    items: Sequence[WorkItem], options: ConvertOptions, *, encode: bool = False
+) -> list[dict[str, Any]]:
     """The function every engine runs on a chunk of items: one finished sample or rejection per item.
 
     Each item is processed on its own (read, validate, sample meshes with a generator seeded from
@@ -224,10 +229,19 @@ def process_items(items: Sequence[WorkItem], options: ConvertOptions) -> list[di
     Args:
         items: work items.
         options: conversion options (defaults resolved).
+        encode: return every sample encoded for the shard writer
+            (:class:`~datapipes.shards.samples.EncodedSample`: its tar blocks, fields, point count and label)
+            instead of its arrays; the shard is byte-identical either way. A sample that cannot be encoded
+            raises ``ValueError`` (the run ends, as it does when the writer encodes it), it is not rejected.
 
     Returns:
-        Per item, a :class:`~datapipes.types.Sample` or a :class:`~datapipes.types.Rejection` (it has a
+        Per item, a :class:`~datapipes.types.Sample` (or with ``encode`` an
+        :class:`~datapipes.shards.samples.EncodedSample`) or a :class:`~datapipes.types.Rejection` (it has a
         ``reason``), in input order.
+
+    Raises:
+        ValueError: with ``encode``, a sample the shard writer would refuse (see
+            :func:`~datapipes.shards.samples.encode_for_shard`).
     """
     from datapipes.converters import get_converter
 
@@ -308,6 +322,10 @@ def process_items(items: Sequence[WorkItem], options: ConvertOptions) -> list[di
         results[i] = dict(_to_sample(works[i]))
 
     each("processing failed", finish)
+    if encode:  # outside ``each``: a sample the writer refuses ends the run, as it did in the writer
+        for i, result in enumerate(results):
+            if result is not None and not is_rejection(result):
+                results[i] = dict(encode_for_shard(result))  # type: ignore[arg-type]
     return [r for r in results if r is not None]
 
 
@@ -325,5 +343,5 @@ def process_item(item: WorkItem, options: ConvertOptions) -> dict[str, Any]:
 
 
 def is_rejection(result: Mapping[str, Any]) -> bool:
-    """Whether a :func:`process_item` result is a rejection."""
+    """Whether a :func:`process_item` / :func:`process_items` result (plain or encoded) is a rejection."""
     return "reason" in result and "xyz" not in result

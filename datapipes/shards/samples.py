@@ -1,19 +1,22 @@
 """One sample <-> its tar members: validation and encoding of a :class:`~datapipes.types.Sample`, decoding.
 
-:func:`encode_sample` validates one sample and turns it into ordered members; :func:`decode_members` turns
-the members of one sample back into arrays and values and refuses anything unsafe or damaged, naming the
-shard and the member: a member with a pickle extension before anything is decoded, an object array,
-point arrays that are not finite or not of the shapes pcpt writes.
+:func:`encode_sample` validates one sample and turns it into ordered members; :func:`encode_for_shard` goes
+on to the sample's ready tar blocks and what the shard writer records about it (an :class:`EncodedSample`,
+so conversion workers can do all per-sample encoding and the writer only appends bytes);
+:func:`decode_members` turns the members of one sample back into arrays and values and refuses anything
+unsafe or damaged, naming the shard and the member: a member with a pickle extension before anything is
+decoded, an object array, point arrays that are not finite or not of the shapes pcpt writes.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypedDict, cast
 
 import numpy as np
 
+from datapipes.files import printable
 from datapipes.shards.codecs import decode_npy, dumps, encode_npy, image_suffix
 from datapipes.shards.format import (
     ARRAY_MEMBERS,
@@ -22,9 +25,10 @@ from datapipes.shards.format import (
     is_pickle_suffix,
     validate_key,
 )
+from datapipes.shards.tar_write import tar_member_blocks
 from datapipes.types import Sample
 
-__all__ = ["decode_members", "encode_sample"]
+__all__ = ["EncodedSample", "decode_members", "encode_for_shard", "encode_sample", "field_spec", "is_encoded"]
 
 _MEMBER_TO_FIELD = {member: name for name, member in ARRAY_MEMBERS.items()}
 _SAMPLE_FIELDS = frozenset({"key", "xyz", "normal", "curv", "feat", "label", "images", "meta"})
@@ -94,6 +98,92 @@ def encode_sample(sample: Sample) -> tuple[str, list[tuple[str, bytes]]]:
         except (TypeError, ValueError) as err:
             raise ValueError(f"sample {key!r}: meta is not JSON serialisable ({err})") from err
     return key, members
+
+
+def field_spec(members: Sequence[tuple[str, bytes]], arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """``{field: {dtype, shape}}`` of one encoded sample (``"N"`` marks the per-cloud point count).
+
+    Args:
+        members: the sample's ``(suffix, bytes)`` members (:func:`encode_sample`).
+        arrays: its per-point arrays by field name (``xyz``, ``normal``, ``curv``, ``feat``).
+
+    Returns:
+        The field description the shard writer records and compares between samples.
+    """
+    spec: dict[str, dict[str, Any]] = {}
+    for name, arr in arrays.items():
+        spec[name] = {"dtype": "float32", "shape": ["N", *arr.shape[1:]]}
+    suffixes = [s for s, _ in members]
+    if "cls.txt" in suffixes:
+        spec["label"] = {"dtype": "int64", "shape": []}
+    images = [s for s in suffixes if IMAGE_MEMBER_RE.match(s)]
+    if images:
+        kinds = sorted({s.rsplit(".", 1)[-1] for s in images})
+        spec["images"] = {"dtype": "/".join(kinds), "shape": [len(images)]}
+    if "meta.json" in suffixes:
+        spec["meta"] = {"dtype": "json", "shape": []}
+    return spec
+
+
+class _EncodedRequired(TypedDict):
+    key: str
+    tar: bytes
+    fields: dict[str, Any]
+    points: int
+
+
+class EncodedSample(_EncodedRequired, total=False):
+    """A sample turned into its tar blocks plus what the shard writer records (:func:`encode_for_shard`).
+
+    Plain values, ``bytes`` and JSON only, so it travels through process pools and
+    :func:`~datapipes.engines.pack_result` unchanged.
+
+    Attributes:
+        key: the sample key.
+        tar: the sample's tar member blocks (:func:`~datapipes.shards.tar_write.tar_member_blocks`).
+        fields: its field description (:func:`field_spec`).
+        points: its point count (rows of ``xyz``).
+        label: its class label, when it has one.
+    """
+
+    label: int
+
+
+def encode_for_shard(sample: Sample) -> EncodedSample:
+    """Validates and encodes one sample into exactly the bytes and record the shard writer produces for it.
+
+    Does everything per sample that :meth:`~datapipes.shards.ShardSetWriter.write_shard` does (metadata
+    made printable, :func:`encode_sample`, tar blocks, field description, label, point count), so a
+    conversion worker can call it and the writer only appends the blocks; the shard is byte-identical to
+    one written from the plain sample.
+
+    Args:
+        sample: a :class:`~datapipes.types.Sample`.
+
+    Returns:
+        The :class:`EncodedSample`.
+
+    Raises:
+        ValueError: naming the key and field for a malformed sample (see :func:`encode_sample`).
+    """
+    if "meta" in sample:
+        sample = cast(Sample, {**sample, "meta": printable(sample["meta"])})
+    key, members = encode_sample(sample)
+    arrays = {f: np.asarray(sample[f]) for f in ARRAY_MEMBERS if f in sample}  # type: ignore[literal-required]
+    encoded: EncodedSample = {
+        "key": key,
+        "tar": tar_member_blocks(key, members),
+        "fields": field_spec(members, arrays),
+        "points": int(arrays["xyz"].shape[0]),
+    }
+    if "label" in sample:
+        encoded["label"] = int(sample["label"])
+    return encoded
+
+
+def is_encoded(sample: Mapping[str, Any]) -> bool:
+    """Whether ``sample`` is an :class:`EncodedSample` (has its ``tar`` blocks) rather than a plain sample."""
+    return "tar" in sample and "xyz" not in sample
 
 
 def decode_members(

@@ -16,16 +16,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
-
 from datapipes._version import __version__
 from datapipes.errors import UserError
 from datapipes.files import TEMPORARY_RE, printable, sha256_file, write_text_atomic
 from datapipes.shards.codecs import dumps
 from datapipes.shards.format import (
-    ARRAY_MEMBERS,
     FORMAT,
-    IMAGE_MEMBER_RE,
     LOCK_NAME,
     MANIFEST_NAME,
     PROGRESS_DIR,
@@ -34,8 +30,8 @@ from datapipes.shards.format import (
     shard_name,
 )
 from datapipes.shards.manifest import manifest_entries, name_channels, pcpt_manifest
-from datapipes.shards.samples import encode_sample
-from datapipes.shards.tar_write import write_tar_atomic
+from datapipes.shards.samples import EncodedSample, encode_for_shard, is_encoded
+from datapipes.shards.tar_write import write_tar_blocks_atomic
 from datapipes.types import Rejection, Sample
 
 __all__ = ["ShardSetWriter"]
@@ -54,23 +50,6 @@ _MANIFEST_KEYS = (
     "rejected",
     "created_by",
 )
-
-
-def _field_spec(members: Sequence[tuple[str, bytes]], arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """``{field: {dtype, shape}}`` of one encoded sample (``"N"`` marks the per-cloud point count)."""
-    spec: dict[str, dict[str, Any]] = {}
-    for name, arr in arrays.items():
-        spec[name] = {"dtype": "float32", "shape": ["N", *arr.shape[1:]]}
-    suffixes = [s for s, _ in members]
-    if "cls.txt" in suffixes:
-        spec["label"] = {"dtype": "int64", "shape": []}
-    images = [s for s in suffixes if IMAGE_MEMBER_RE.match(s)]
-    if images:
-        kinds = sorted({s.rsplit(".", 1)[-1] for s in images})
-        spec["images"] = {"dtype": "/".join(kinds), "shape": [len(images)]}
-    if "meta.json" in suffixes:
-        spec["meta"] = {"dtype": "json", "shape": []}
-    return spec
 
 
 def _lock_holder(fd: int) -> str:
@@ -239,11 +218,18 @@ class ShardSetWriter:
         return path.is_file() and record.get("sha256") == sha256_file(path)
 
     def write_shard(
-        self, split: str, index: int, samples: Sequence[Sample], rejected: Sequence[Rejection]
+        self,
+        split: str,
+        index: int,
+        samples: Sequence[Sample | EncodedSample],
+        rejected: Sequence[Rejection],
     ) -> None:
         """Encodes ``samples`` into shard ``index`` of ``split`` atomically, then records the progress.
 
-        An empty shard (every source item rejected) gets a progress record and no tar, so a re-run does not
+        A sample may come already encoded (an :class:`~datapipes.shards.samples.EncodedSample` from
+        :func:`~datapipes.shards.samples.encode_for_shard`, as conversion workers send them); its blocks are
+        appended as they are, so the shard is byte-identical to one written from the plain samples. An
+        empty shard (every source item rejected) gets a progress record and no tar, so a re-run does not
         redo it; empty shards are left out of the manifest.
 
         Raises:
@@ -252,28 +238,28 @@ class ShardSetWriter:
         """
         self._lock()
         name = shard_name(split, index)
-        encoded: list[tuple[str, list[tuple[str, bytes]]]] = []
+        blocks: list[bytes] = []
         fields: dict[str, Any] | None = None
         labels: Counter[int] = Counter()
         keys: set[str] = set()
         point_counts: list[int] = []
         for sample in samples:
-            if "meta" in sample:
-                sample = cast(Sample, {**sample, "meta": printable(sample["meta"])})
-            key, members = encode_sample(sample)
+            encoded = (
+                cast(EncodedSample, sample) if is_encoded(sample) else encode_for_shard(cast(Sample, sample))
+            )
+            key = encoded["key"]
             if key in keys:
                 raise ValueError(f"{name}: duplicate sample key {key!r}")
             keys.add(key)
-            arrays = {f: np.asarray(sample[f]) for f in ARRAY_MEMBERS if f in sample}  # type: ignore[literal-required]
-            spec = _field_spec(members, arrays)
+            spec = encoded["fields"]
             if fields is None:
                 fields = spec
             elif spec != fields:
                 raise ValueError(f"{name}: sample {key!r} has fields {spec}, earlier samples have {fields}")
-            if "label" in sample:
-                labels[int(sample["label"])] += 1
-            point_counts.append(int(arrays["xyz"].shape[0]))
-            encoded.append((key, members))
+            if "label" in encoded:
+                labels[int(encoded["label"])] += 1
+            point_counts.append(int(encoded["points"]))
+            blocks.append(encoded["tar"])
         rejections = []
         for item in rejected:
             if not all(isinstance(item.get(k), str) for k in ("source", "reason", "split")):
@@ -283,8 +269,8 @@ class ShardSetWriter:
             (self.out / MANIFEST_NAME).unlink(missing_ok=True)  # the folder is no longer a finished dataset
             self._manifest_dropped = True
         self._record_path(split, index).unlink(missing_ok=True)
-        if encoded:
-            sha, size = write_tar_atomic(self.out / name, encoded)
+        if blocks:
+            sha, size = write_tar_blocks_atomic(self.out / name, blocks)
         else:
             (self.out / name).unlink(missing_ok=True)
             sha, size = None, 0
@@ -292,14 +278,14 @@ class ShardSetWriter:
             "shard": name,
             "split": split,
             "index": int(index),
-            "samples": len(encoded),
+            "samples": len(blocks),
             "keys": len(keys),
             "sha256": sha,
             "bytes": size,
             "fields": fields or {},
             "points": {"min": min(point_counts), "max": max(point_counts)} if point_counts else None,
             "labels": {str(k): v for k, v in sorted(labels.items())},
-            "unlabelled": len(encoded) - sum(labels.values()),
+            "unlabelled": len(blocks) - sum(labels.values()),
             "rejected": rejections,
         }
         write_text_atomic(self._record_path(split, index), dumps(record) + "\n")
