@@ -5,15 +5,22 @@ temporary sibling directory that is renamed into place, so an interrupted write 
 looks like a complete artifact, and files pcpt did not write are never touched. Every write also renders the
 artifact's model card (``README.md``, ``pretrain.model_card``) from the metadata; :func:`record_evaluation`
 appends an evaluation result to ``encoder.json`` and re-renders the card without touching the weights.
+
+Updates of an existing artifact (an in-place :func:`save_artifact`, :func:`record_evaluation`) hold an
+exclusive lock on the artifact folder (:func:`artifact_lock`), so two evaluations finishing at the same time
+both end up in ``encoder.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +35,12 @@ from pretrain.model_card import CARD_FILE, is_model_card, render_model_card
 __all__ = [
     "ARTIFACT_FORMAT",
     "ENCODER_KIND",
+    "LOCK_FILE",
     "META_FILE",
     "WEIGHTS_FILE",
     "ArtifactError",
     "WeightsMismatchError",
+    "artifact_lock",
     "check_artifact_destination",
     "load_artifact_tensors",
     "load_state_strict",
@@ -45,6 +54,8 @@ ARTIFACT_FORMAT = "pcpt-encoder/1"
 WEIGHTS_FILE = "encoder.safetensors"
 META_FILE = "encoder.json"
 ENCODER_KIND = "point_encoder"
+LOCK_FILE = ".encoder.lock"  # only where folders cannot be locked (Windows)
+LOCK_TIMEOUT_S = 300.0
 
 
 class ArtifactError(UserError, ValueError):
@@ -104,11 +115,12 @@ def save_artifact(out_dir: str | Path, tensors: Mapping[str, Tensor], meta: Mapp
             _write_synced(tmp / CARD_FILE, card)
         _write_synced(tmp / META_FILE, text)  # the meta file goes last
         if out.is_dir() and any(out.iterdir()):
-            (out / META_FILE).unlink(missing_ok=True)  # from here on the folder is an incomplete artifact
-            os.replace(tmp / WEIGHTS_FILE, out / WEIGHTS_FILE)
-            if card is not None:
-                os.replace(tmp / CARD_FILE, out / CARD_FILE)
-            os.replace(tmp / META_FILE, out / META_FILE)
+            with artifact_lock(out):
+                (out / META_FILE).unlink(missing_ok=True)  # from here on the folder is an incomplete artifact
+                os.replace(tmp / WEIGHTS_FILE, out / WEIGHTS_FILE)
+                if card is not None:
+                    os.replace(tmp / CARD_FILE, out / CARD_FILE)
+                os.replace(tmp / META_FILE, out / META_FILE)
             tmp.rmdir()
         else:
             if out.is_dir():
@@ -185,22 +197,78 @@ def record_evaluation(path: str | Path, entry: Mapping[str, Any]) -> dict[str, A
         OSError: the artifact cannot be written (read-only folder or file system); nothing is changed.
     """
     src = Path(path)
-    meta = read_artifact_meta(src)
-    meta["evaluations"] = [*(meta.get("evaluations") or []), dict(entry)]
-    text = _meta_text(meta)
-    card = _card_text(src, json.loads(text))
-    pending = [(src / META_FILE, text)] + ([(src / CARD_FILE, card)] if card is not None else [])
-    temporary: list[Path] = []
-    try:
-        for target, content in pending:
-            temporary.append(target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"))
-            _write_synced(temporary[-1], content)
-        for tmp, (target, _) in zip(temporary, pending):
-            os.replace(tmp, target)
-    finally:
-        for tmp in temporary:
-            tmp.unlink(missing_ok=True)
+    read_artifact_meta(src)  # a clear error for a path that is not an artifact, before any lock file
+    with artifact_lock(src):
+        meta = read_artifact_meta(src)  # read under the lock: an entry recorded meanwhile is kept
+        meta["evaluations"] = [*(meta.get("evaluations") or []), dict(entry)]
+        text = _meta_text(meta)
+        card = _card_text(src, json.loads(text))
+        pending = [(src / META_FILE, text)] + ([(src / CARD_FILE, card)] if card is not None else [])
+        temporary: list[Path] = []
+        try:
+            for target, content in pending:
+                temporary.append(target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"))
+                _write_synced(temporary[-1], content)
+            for tmp, (target, _) in zip(temporary, pending):
+                os.replace(tmp, target)
+        finally:
+            for tmp in temporary:
+                tmp.unlink(missing_ok=True)
     return meta
+
+
+@contextlib.contextmanager
+def artifact_lock(folder: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Holds the exclusive update lock of an existing artifact folder.
+
+    On POSIX the lock is ``flock`` on the folder itself, so nothing is left in the artifact and the lock ends
+    with the process that holds it (written here because ``filelock`` locks only files, and a lock file kept
+    in the folder would travel with every copy and upload of the artifact). Where folders cannot be locked
+    (Windows) ``filelock`` locks ``.encoder.lock`` inside the folder instead.
+
+    Args:
+        folder: the artifact directory (must exist).
+        timeout: seconds to wait for another process's update to finish.
+
+    Raises:
+        ArtifactError: the lock was not released within ``timeout`` seconds.
+    """
+    if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(folder / LOCK_FILE), timeout=timeout)
+        try:
+            lock.acquire()
+        except Timeout as err:
+            raise _lock_timeout(folder, timeout) from err
+        try:
+            yield
+        finally:
+            lock.release()
+        return
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise _lock_timeout(folder, timeout) from None
+                time.sleep(0.05)
+        yield  # closing the descriptor below releases the lock
+    finally:
+        os.close(fd)
+
+
+def _lock_timeout(folder: Path, timeout: float) -> ArtifactError:
+    return ArtifactError(
+        f"{folder}: another process is still updating this artifact after {timeout:.0f} s "
+        "(it holds the artifact's update lock, which ends with that process)"
+    )
 
 
 def _write_synced(path: Path, text: str) -> None:
