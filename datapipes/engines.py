@@ -16,7 +16,8 @@ or the node.
   of oversubscribing them; ``workers=1`` keeps the calling process's thread settings.
 - :class:`RayEngine` runs the same function through Ray Data (``ray.data.from_items(...).map_batches(...)``)
   on a local Ray instance, or on the cluster at ``address``. Ray is an optional extra
-  (``pip install pcpt[ray]``) imported only here. Results travel back as ``.npz`` bytes
+  (``pip install pcpt[ray]``) imported only here. Its worker processes limit their threads like the local
+  pool's before their first chunk. Results travel back as ``.npz`` bytes
   (:func:`pack_result`), never as pickles of arrays inside Arrow columns, so the schema is fixed whatever
   the item produced. A chunk whose worker process or node dies is run again on the nodes left (Ray Data
   retries its map tasks after system failures: ``max_retries=-1``, its default, which pcpt keeps); the
@@ -145,6 +146,8 @@ WORKER_THREAD_ENV = (
 
 _thread_limits: Any = None
 """The worker's ``threadpoolctl.threadpool_limits`` object, kept alive (and so in force) for its lifetime."""
+_threads_limited = False
+"""Whether :func:`limit_worker_threads` already ran in this process (it runs once)."""
 
 
 def limit_worker_threads() -> None:
@@ -156,10 +159,14 @@ def limit_worker_threads() -> None:
     OpenMP, numba), limits the BLAS/OpenMP libraries already loaded (NumPy's) to one thread with
     ``threadpoolctl`` (when installed; the limit object is kept for the process lifetime), and calls
     ``torch.set_num_threads(1)`` and ``numba.set_num_threads(1)`` if they are already imported (torch is
-    not imported just for this: it takes seconds). Only pool workers call it; ``LocalEngine(workers=1)``
-    leaves the calling process as it is.
+    not imported just for this: it takes seconds). Only worker processes call it (the local pool's and
+    Ray's, before their first chunk), once each; ``LocalEngine(workers=1)`` leaves the calling process as it
+    is.
     """
-    global _thread_limits
+    global _thread_limits, _threads_limited
+    if _threads_limited:
+        return
+    _threads_limited = True
     for name in WORKER_THREAD_ENV:
         os.environ[name] = "1"
     try:
@@ -370,6 +377,7 @@ class _RayMapper:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import ray
 
+        limit_worker_threads()  # Ray runs this in its worker processes: one thread each, as in the local pool
         cells = list(batch["item"])
         items = [self.item_type(**json.loads(c)) for c in cells] if self.item_type is not None else cells
         payloads = [pack_result(r) for r in _run_chunk(self.fn, items)]

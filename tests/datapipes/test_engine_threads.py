@@ -1,4 +1,5 @@
-"""Pool workers of LocalEngine run torch, BLAS/OpenMP and numba on one thread; workers=1 is unchanged."""
+"""Worker processes (LocalEngine's pool, Ray's) run torch, BLAS/OpenMP and numba on one thread each;
+workers=1 is unchanged."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from datapipes.engines import WORKER_THREAD_ENV, LocalEngine, ShardJob
+import pytest
+
+from datapipes.engines import WORKER_THREAD_ENV, Engine, LocalEngine, RayEngine, ShardJob
 
 
 def _thread_report(items: Sequence[int]) -> list[dict[str, Any]]:
@@ -18,7 +21,7 @@ def _thread_report(items: Sequence[int]) -> list[dict[str, Any]]:
     pools = threadpool_info()
     return [
         {
-            "item": item,
+            "item": int(item),
             "pid": os.getpid(),
             "torch": torch.get_num_threads(),
             "numba": numba.get_num_threads(),
@@ -36,7 +39,15 @@ def _env_report(items: Sequence[int]) -> list[dict[str, Any]]:
 
 
 def test_pool_workers_use_one_thread_each() -> None:
-    engine = LocalEngine(2, chunk_size=1)
+    _check_one_thread_each(LocalEngine(2, chunk_size=1))
+
+
+def test_ray_workers_use_one_thread_each() -> None:
+    pytest.importorskip("ray.data")
+    _check_one_thread_each(RayEngine(None, num_cpus=2, chunk_size=1))
+
+
+def _check_one_thread_each(engine: Engine) -> None:
     try:
         (done,) = list(engine.run(_thread_report, [ShardJob("train", 0, tuple(range(4)))]))
     finally:
