@@ -6,8 +6,8 @@ DINOv2 / ImageBind ``Block``) fine-tunes a frozen 1D / 2D / audio transformer on
 ``coef · Σ_v w_v x_v`` to the patch tokens (the CLS token bypasses it). In pcpt these are two adapters of a
 :class:`pretrain.nn.transformer.Block`:
 
-- :class:`BottleneckAdapter` at site ``"mlp"`` (its output, already scaled by ``s``, is added to the MLP
-  branch output; official ``AdapterSuper_noout``);
+- :class:`BottleneckAdapter` at site ``"mlp"`` (it reads the finished MLP branch, after drop path and
+  LayerScale, and its output, already scaled by ``s``, is added next to it; official ``AdapterSuper_noout``);
 - :class:`GuidedAdapter` at site ``"output"`` (its output is added to the block output), which needs a
   :class:`GuidedContext` computed once per forward from the token centres (:func:`guided_context_1d`,
   :func:`guided_context_2d`) and passed to every block (``run_blocks(..., contexts=[ctx] * depth)``).

@@ -264,7 +264,9 @@ class Block(nn.Module):
     ``LN(x + DropPath(LS(Drop(Attn(x)))))``, then the same with the MLP.
 
     Adapters (see :meth:`attach_adapter`) receive ``(tensor, context)`` and return a residual: an ``"mlp"``
-    adapter's output is added to the MLP branch output, an ``"output"`` adapter's to the block output.
+    adapter gets the finished MLP branch ``b = DropPath(LS(Drop(MLP(.))))`` and the block adds ``b + A(b)``
+    (Any2Point's ``x + x_ffn + s·Adapter(x_ffn)``, with LayerScale and drop path inside ``x_ffn`` as in its
+    DINOv2 blocks); an ``"output"`` adapter's output is added to the block output.
 
     Args:
         dim: width.
@@ -335,9 +337,10 @@ class Block(nn.Module):
         else:
             x = self.norm1(x + self._branch(self.attn(x, attn_mask), self.ls1))
             out = self.mlp(x)
-        if "mlp" in self.adapters:
-            out = out + self.adapters["mlp"](out, context)
-        x = x + self._branch(out, self.ls2)
+        branch = self._branch(out, self.ls2)
+        if "mlp" in self.adapters:  # on the finished MLP branch; its output is added as is (Any2Point)
+            branch = branch + self.adapters["mlp"](branch, context)
+        x = x + branch
         if not self.norm_first:
             x = self.norm2(x)
         if "output" in self.adapters:

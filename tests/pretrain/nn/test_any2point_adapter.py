@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.nn import Block
+from pretrain.nn import Block, BlockOptions
 from pretrain.nn.any2point_adapter import (
     BottleneckAdapter,
     CellAttention,
@@ -205,6 +205,31 @@ def test_bottleneck_adapter_in_block_mlp_site(gen: torch.Generator) -> None:
     h = x + block.attn(block.norm1(x))
     ffn = block.mlp(block.norm2(h))
     torch.testing.assert_close(block(x), h + ffn + ad(ffn))
+
+
+def test_bottleneck_adapter_after_layer_scale_and_drop_path(gen: torch.Generator) -> None:
+    """The official DINOv2 block: x_ffn = ls2(drop_path(FFN)); x ← x + x_ffn + s · Adapter(x_ffn).
+
+    The adapter sees the LayerScale'd branch and its output is added unscaled and never dropped.
+    """
+    block = Block(16, 2, options=BlockOptions(layer_scale=0.5), drop_path=0.5)
+    with torch.no_grad():
+        block.ls1.gamma.copy_(torch.rand(16, generator=gen) + 0.1)
+        block.ls2.gamma.copy_(torch.rand(16, generator=gen) + 0.1)
+    ad = BottleneckAdapter(16, 4, 0.5, dropout=0.0)
+    block.attach_adapter("mlp", ad)
+    x = torch.randn(8, 5, 16, generator=gen)
+    block.train()
+    torch.manual_seed(3)
+    out = block(x)
+    torch.manual_seed(3)  # the same two drop-path draws, in the block's order
+    keep_attn = torch.empty(8, 1, 1).bernoulli_(0.5) / 0.5
+    keep_ffn = torch.empty(8, 1, 1).bernoulli_(0.5) / 0.5
+    h = x + block.ls1.gamma * (keep_attn * block.attn(block.norm1(x)))
+    x_ffn = block.ls2.gamma * (keep_ffn * block.mlp(block.norm2(h)))
+    torch.testing.assert_close(out, h + x_ffn + ad(x_ffn))
+    assert keep_ffn.min() == 0  # the seed drops some samples' branch ...
+    assert keep_ffn.max() > 0  # ... but not all
 
 
 # ---------------------------------------------------------------- guided adapter
