@@ -103,6 +103,8 @@ class Any2PointSpec(AdapterOptions, EncoderSpec):
         tokenizer_k: neighbours per Point-PN group.
         tokenizer_normalize: Point-PN neighbour normalisation (``"mn40"``: by the std of each cloud's offsets,
             officially of the whole batch's; ``"scan"``: per group and axis by the largest offset).
+        tokenizer_batch_std: ``"mn40"`` with the official std over the whole batch's offsets (a sample's
+            tokens then depend on its batch-mates; for official ModelNet checkpoints only).
         positions: 1-D sources: how many entries of the positional table the projection spans (None: all;
             CLIP's 77).
         rescale: 1-D sources: the second rescale of the projected positions onto the table. ``"fixed"``
@@ -137,6 +139,7 @@ class Any2PointSpec(AdapterOptions, EncoderSpec):
     tokenizer_stages: int = 3
     tokenizer_k: int = 64
     tokenizer_normalize: Literal["mn40", "scan"] = "mn40"
+    tokenizer_batch_std: bool = False
     positions: int | None = None
     rescale: Literal["fixed", "cloud", "batch"] = "fixed"
     pos_mode: Literal["every_block", "input_and_every_block", "input"] = "every_block"
@@ -165,6 +168,8 @@ class Any2PointSpec(AdapterOptions, EncoderSpec):
         for name in ("num_tokens", "tokenizer_stages", "tokenizer_k", "cell_2d"):
             check_positive_int(name, getattr(self, name))
         self.check_adapter_options()
+        if self.tokenizer_batch_std and self.tokenizer_normalize != "mn40":
+            raise ValueError("tokenizer_batch_std applies to tokenizer_normalize='mn40' only")
         if self.positions is not None and self.positions < 2:
             raise ValueError(f"positions must be >= 2 or None, got {self.positions}")
 
@@ -274,6 +279,7 @@ class Any2PointEncoder(PointEncoder):
             num_stages=spec.tokenizer_stages,
             k=spec.tokenizer_k,
             normalize=spec.tokenizer_normalize,
+            mn40_batch_std=spec.tokenizer_batch_std,
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, dim))

@@ -112,6 +112,17 @@ def test_official_sequence_first_attention_mixes_the_batch(bert_source: Path) ->
     assert not torch.allclose(together[:1], alone, atol=1e-3)
 
 
+def test_official_batch_std_of_point_pn_mixes_the_batch(bert_source: Path) -> None:
+    enc = build_encoder(_spec(bert_source, tokenizer_batch_std=True)).eval()
+    clouds = _clouds(4, seed=1)
+    with torch.no_grad():
+        alone = enc.pool(enc.encode(clouds[:1]))
+        together = enc.pool(enc.encode(torch.cat([clouds[:1], 3.0 * _clouds(3, seed=9)])))
+    assert not torch.allclose(together[:1], alone, atol=1e-3)
+    with pytest.raises(ValueError, match="mn40' only"):
+        _spec(bert_source, tokenizer_normalize="scan", tokenizer_batch_std=True)
+
+
 def test_trainable_parts_are_chosen_by_module(bert_source: Path) -> None:
     enc = build_encoder(_spec(bert_source))
     assert isinstance(enc, Any2PointEncoder)
