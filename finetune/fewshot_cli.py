@@ -22,6 +22,8 @@ from datapipes.cli_common import positive_int
 from datapipes.errors import UserError
 from finetune import eval_cli
 
+OFFICIAL_EPOCHS, OFFICIAL_WARMUP_EPOCHS = 150, 10  # the few-shot finetune protocol of Point-BERT / Point-MAE
+
 if TYPE_CHECKING:
     from finetune.fewshot import FewShotResult
 
@@ -74,8 +76,9 @@ def add_fewshot_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--warmup-epochs",
         type=float,
-        default=10.0,
-        help="linear warmup epochs of each fold for --protocol finetune (default: %(default)s, of 150)",
+        default=None,
+        help="linear warmup epochs of each fold for --protocol finetune (default: the official 10 of 150 "
+        "scaled to --epochs, i.e. epochs / 15)",
     )
     p.add_argument(
         "--encoder-set",
@@ -103,6 +106,7 @@ def run_fewshot_command(args: argparse.Namespace) -> int:
 
     if args.episodes is None and (args.way is None or args.shot is None):
         raise UserError("fewshot: --way and --shot are required unless --episodes FILE is given")
+    warmup_epochs = _warmup_epochs(args) if args.protocol == "finetune" else 0.0
     spec, head = _config_spec(args)
     setup = eval_cli.load_setup(args, spec)
     classes = [str(c) for c in setup.manifest.get("classes", [])]
@@ -174,7 +178,7 @@ def run_fewshot_command(args: argparse.Namespace) -> int:
             support_clouds=s_rows,
             query_clouds=q_rows,
             epochs=args.epochs,
-            warmup_epochs=args.warmup_epochs,
+            warmup_epochs=warmup_epochs,
             batch_size=min(args.batch_size, 32),
             accelerator="gpu" if setup.device == "cuda" else "cpu",
         )
@@ -196,6 +200,21 @@ def run_fewshot_command(args: argparse.Namespace) -> int:
         query_features = keyed(q_xyz, q_keys, query_wanted)
     result = run_fewshot_svm(episodes, support_features=support_features, query_features=query_features)
     return _report(args, setup, result, warnings)
+
+
+def _warmup_epochs(args: argparse.Namespace) -> float:
+    """``--warmup-epochs``, or the official share of the run (10 of 150 epochs) when not given.
+
+    Raises:
+        UserError: a negative warmup, or one that is not shorter than ``--epochs``.
+    """
+    if args.warmup_epochs is None:
+        return args.epochs * OFFICIAL_WARMUP_EPOCHS / OFFICIAL_EPOCHS
+    if not 0 <= args.warmup_epochs < args.epochs:
+        raise UserError(
+            f"--warmup-epochs {args.warmup_epochs:g} must be >= 0 and shorter than --epochs {args.epochs}"
+        )
+    return float(args.warmup_epochs)
 
 
 def _config_spec(args: argparse.Namespace) -> tuple[Any, str]:

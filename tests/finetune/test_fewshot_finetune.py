@@ -45,6 +45,7 @@ def test_fewshot_finetune_protocol(
     assert len(report["fold_accuracies"]) == 2
     assert all(0.0 <= a <= 1.0 for a in report["fold_accuracies"])
     assert "last epoch" in report["selection"]
+    assert report["params"]["warmup_epochs"] == pytest.approx(2 / 15)  # 10 of 150, scaled to 2 epochs
     # the same episodes rerun from the file give the same folds
     assert finetune_main([*args, "--episodes", str(episodes)]) == 0
     rerun = json.loads(_json(capsys))
@@ -120,6 +121,9 @@ def test_a_config_is_refused_by_the_svm_protocol_and_needs_an_encoder_spec(
     assert "expected FIELD=VALUE" in capsys.readouterr().err
     assert finetune_main(["fewshot", str(config), *finetune, "--encoder-set", "no_such_field=1"]) != 0
     assert "a2p.yaml: invalid encoder spec" in capsys.readouterr().err
+    for warmup in ("1", "-0.5"):  # not shorter than --epochs 1, negative
+        assert finetune_main(["fewshot", str(config), *finetune, "--warmup-epochs", warmup]) != 0
+        assert f"--warmup-epochs {warmup} must be >= 0 and shorter than --epochs 1" in capsys.readouterr().err
     _, art = setup
     assert finetune_main(["fewshot", str(art), *finetune, "--encoder-set", "guided=false"]) != 0
     assert "--encoder-set needs a finetune config as ART" in capsys.readouterr().err
