@@ -192,7 +192,8 @@ def record_evaluation(path: str | Path, entry: Mapping[str, Any]) -> dict[str, A
         The updated metadata.
 
     Raises:
-        ArtifactError: not a readable artifact.
+        ArtifactError: not a readable artifact, or another process still holds its update lock after
+            :data:`LOCK_TIMEOUT_S` seconds.
         ValueError: an entry that is not JSON serialisable.
         OSError: the artifact cannot be written (read-only folder or file system); nothing is changed.
     """
