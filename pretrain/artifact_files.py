@@ -198,7 +198,6 @@ def record_evaluation(path: str | Path, entry: Mapping[str, Any]) -> dict[str, A
         OSError: the artifact cannot be written (read-only folder or file system); nothing is changed.
     """
     src = Path(path)
-    read_artifact_meta(src)  # a clear error for a path that is not an artifact, before any lock file
     with artifact_lock(src):
         meta = read_artifact_meta(src)  # read under the lock: an entry recorded meanwhile is kept
         meta["evaluations"] = [*(meta.get("evaluations") or []), dict(entry)]
@@ -232,8 +231,11 @@ def artifact_lock(folder: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[Non
         timeout: seconds to wait for another process's update to finish.
 
     Raises:
-        ArtifactError: the lock was not released within ``timeout`` seconds.
+        ArtifactError: ``folder`` is not a directory, or the lock was not released within ``timeout``
+            seconds.
     """
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: no such artifact directory")
     if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
         from filelock import FileLock, Timeout
 
